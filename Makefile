@@ -1,0 +1,29 @@
+# Two commands on a fresh clone: `make run` (pipeline on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+# dvc.yaml and the Snakefile call `ajepa`, `dvc` and `snakemake` by name: put the venv first
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test snakemake clean
+
+# Reinstall when the dependency list changes; the stamp keeps `make test` fast otherwise.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	dvc repro
+
+test: install
+	python -m pytest
+
+snakemake: install
+	snakemake --cores all
+
+clean:
+	rm -rf data logs results models dvclive .snakemake

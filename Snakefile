@@ -1,0 +1,13 @@
+# The same pipeline as dvc.yaml, for Snakemake (local cores or a cluster profile in
+# workflow/profiles/). Rules call the `ajepa` CLI, which reads params.yaml itself; rules pass the
+# sections they depend on through `params:` only so that Snakemake reruns a job when they change.
+
+configfile: "params.yaml"
+
+
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        expand("data/features/{dataset}", dataset=config["pipeline"]["datasets"]),

@@ -1,0 +1,58 @@
+"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`. The only argument parser."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ajepa.errors import AjepaError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ajepa",
+        description="A-JEPA pipeline stages. Each reads its section of params.yaml; dvc.yaml and the "
+                    "Snakefile call these same commands.")
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    s = sub.add_parser("prepare", help="generate or fetch a dataset and write its manifest")
+    s.add_argument("dataset", help="dataset name under `datasets` in params.yaml (e.g. synth)")
+
+    s = sub.add_parser("features", help="log-mel fbank features into memory-mapped shards")
+    s.add_argument("dataset")
+
+    s = sub.add_parser("bench", help="measure throughput of a stage")
+    bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
+    b.add_argument("--clips", type=int, default=200, help="clips per measurement (default 200)")
+    b.add_argument("--workers", type=int, default=0, help="processes for the parallel run (0 = one per core)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            from ajepa import bench
+            print(bench.run(args))
+            return 0
+        from ajepa.config import load_params
+        params = load_params(args.params)
+        if args.command == "prepare":
+            from ajepa.stages import prepare as stage
+        elif args.command == "features":
+            from ajepa.stages import features as stage
+        print(stage.run(params, args.dataset))
+        return 0
+    except AjepaError as e:
+        print(f"ajepa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ajepa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: the embedded generator, manifests, the spectrogram front end and the feature store."""

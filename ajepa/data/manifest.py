@@ -1,0 +1,116 @@
+"""Manifests: one CSV per dataset with the same columns everywhere, plus a JSON sidecar.
+
+Columns
+    clip_id      unique within the dataset
+    path         audio file, relative to the working directory (the repository root)
+    labels       class names joined by ';' (empty for unlabeled clips)
+    fold         1..K for fold-protocol datasets (ESC-50 style cross-validation), 0 otherwise
+    split        train | val | test | pretrain (unlabeled pretraining pool)
+    duration_s   from the file header
+    sample_rate  from the file header
+The sidecar (`DATASET.json`) holds what a table cannot: the ordered class list, the protocol, the
+source and its checksum, and counts, so two copies of a dataset can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import soundfile as sf
+
+from ajepa.atomic import write_csv, write_json
+from ajepa.errors import AjepaError
+
+COLUMNS = ["clip_id", "path", "labels", "fold", "split", "duration_s", "sample_rate"]
+SPLITS = ("train", "val", "test", "pretrain")
+# splits whose clips feed the normalisation statistics: the labeled training data and the unlabeled pool
+STATS_SPLITS = ("train", "pretrain")
+
+
+def manifest_paths(root: Path, name: str) -> tuple[Path, Path]:
+    return root / f"{name}.csv", root / f"{name}.json"
+
+
+def audio_info(path: Path) -> tuple[float, int]:
+    """(duration in seconds, sample rate) from the header; (0, 0) when unreadable: features reports it."""
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError):
+        return 0.0, 0
+    return info.frames / info.samplerate if info.samplerate else 0.0, info.samplerate
+
+
+def esc50_layout(root: Path, meta_csv: str = "meta/esc50.csv", audio_dir: str = "audio") -> tuple[pd.DataFrame, list[str]]:
+    """Rows for a dataset in the ESC-50 layout (meta CSV with filename, fold, target, category).
+
+    Returns the manifest rows and the class names ordered by `target`. Every labeled clip is a
+    training clip of its fold: the protocol is K-fold cross-validation over `fold`.
+    """
+    meta_path = root / meta_csv
+    try:
+        meta = pd.read_csv(meta_path)
+    except FileNotFoundError:
+        raise AjepaError(f"{meta_path}: metadata file not found (expected the ESC-50 layout)") from None
+    missing = {"filename", "fold", "target", "category"} - set(meta.columns)
+    if missing:
+        raise AjepaError(f"{meta_path}: missing columns {sorted(missing)}")
+    classes = meta.drop_duplicates("target").sort_values("target")["category"].tolist()
+    rows = pd.DataFrame({
+        "clip_id": meta["filename"].str.replace(r"\.wav$", "", regex=True),
+        "path": [str(root / audio_dir / f) for f in meta["filename"]],
+        "labels": meta["category"],
+        "fold": meta["fold"].astype(int),
+        "split": "train",
+    })
+    return rows, classes
+
+
+def unlabeled_rows(root: Path, meta_csv: str, audio_dir: str) -> pd.DataFrame:
+    """Rows for an unlabeled pretraining pool listed by filename in `meta_csv`."""
+    meta_path = root / meta_csv
+    try:
+        names = pd.read_csv(meta_path)["filename"]
+    except (FileNotFoundError, KeyError):
+        raise AjepaError(f"{meta_path}: expected a CSV with a 'filename' column") from None
+    return pd.DataFrame({"clip_id": names.str.replace(r"\.wav$", "", regex=True),
+                         "path": [str(root / audio_dir / f) for f in names],
+                         "labels": "", "fold": 0, "split": "pretrain"})
+
+
+def add_audio_info(rows: pd.DataFrame) -> pd.DataFrame:
+    info = [audio_info(Path(p)) for p in rows["path"]]
+    rows = rows.copy()
+    rows["duration_s"] = [round(d, 6) for d, _ in info]
+    rows["sample_rate"] = [sr for _, sr in info]
+    return rows[COLUMNS]
+
+
+def write_manifest(root: Path, name: str, rows: pd.DataFrame, meta: dict) -> tuple[Path, Path]:
+    rows = rows[COLUMNS]
+    if rows["clip_id"].duplicated().any():
+        dup = rows.loc[rows["clip_id"].duplicated(), "clip_id"].iloc[0]
+        raise AjepaError(f"manifest {name}: duplicate clip_id {dup!r}")
+    bad = set(rows["split"]) - set(SPLITS)
+    if bad:
+        raise AjepaError(f"manifest {name}: unknown split(s) {sorted(bad)} (known: {', '.join(SPLITS)})")
+    counts = {s: int((rows["split"] == s).sum()) for s in SPLITS}
+    meta = {"name": name, "clips": len(rows), "splits": counts,
+            "hours": round(float(rows["duration_s"].sum()) / 3600, 4), **meta}
+    csv_path, json_path = manifest_paths(root, name)
+    write_csv(csv_path, rows)
+    write_json(json_path, meta)
+    return csv_path, json_path
+
+
+def read_manifest(root: Path, name: str) -> tuple[pd.DataFrame, dict]:
+    csv_path, json_path = manifest_paths(root, name)
+    if not csv_path.exists():
+        raise AjepaError(f"{csv_path}: manifest not found (run `ajepa prepare {name}` first)")
+    rows = pd.read_csv(csv_path, keep_default_na=False, dtype={"clip_id": str, "labels": str, "path": str})
+    missing = set(COLUMNS) - set(rows.columns)
+    if missing:
+        raise AjepaError(f"{csv_path}: missing columns {sorted(missing)}")
+    meta = json.loads(json_path.read_text()) if json_path.exists() else {}
+    return rows, meta

@@ -1,0 +1,221 @@
+"""Feature store: float16 log-mel spectrograms in memory-mappable shards, an index and statistics.
+
+    DIR/shard-00000.npy ...   [clips, target_length, num_mel_bins] float16, np.load(mmap_mode="r")
+    DIR/index.csv             clip_id, labels, fold, split, shard, row, n_frames, path
+    DIR/stats.json            mean/std from the training splits, front-end settings, counts
+    DIR/rejects.csv           path, reason for every clip that could not become features
+
+Shards are pre-allocated and filled in chunks by worker processes, so the dataset is never held in
+memory and one slow clip does not stall a whole shard. A rejected clip leaves a zero row that the
+index does not point at. Statistics cover the valid (unpadded) frames of the training splits only.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ajepa.atomic import atomic_path, write_csv
+from ajepa.data.frontend import FrontEnd, UnreadableAudio, normalize, pad_or_crop
+from ajepa.data.manifest import STATS_SPLITS
+from ajepa.errors import AjepaError
+from ajepa.progress import progress as progress_bar
+
+CHUNK_CLIPS = 32  # clips per worker task: small enough for a live progress bar, large enough to amortise IPC
+INDEX_COLUMNS = ["clip_id", "labels", "fold", "split", "shard", "row", "n_frames", "path"]
+
+
+@dataclass
+class ExtractSummary:
+    clips: int
+    accepted: int
+    rejected: int
+    seconds: float
+    audio_seconds: float
+    mean: float
+    std: float
+    out_dir: Path
+    rejects_file: Path
+
+
+_frontend: FrontEnd | None = None
+
+
+def _init_worker(frontend: FrontEnd) -> None:
+    global _frontend
+    # one intra-op thread per process: the parallelism is across clips, and oversubscription costs more
+    torch.set_num_threads(1)
+    _frontend = frontend
+
+
+def _process_chunk(task):
+    shard_path, start, paths, target_length = task
+    shard = np.load(shard_path, mmap_mode="r+")
+    results = []
+    with torch.inference_mode():
+        for k, path in enumerate(paths):
+            try:
+                wav = _frontend.load(path)
+                fb = _frontend.fbank(wav)
+            except UnreadableAudio as e:
+                results.append((str(e), 0, 0.0, 0.0, 0, 0.0))
+                continue
+            n_frames = fb.shape[0]
+            fb = pad_or_crop(fb, target_length)
+            valid = fb[: min(n_frames, target_length)].double()
+            shard[start + k] = fb.numpy().astype(np.float16)
+            results.append(("", n_frames, float(valid.sum()), float((valid * valid).sum()), valid.numel(),
+                            wav.shape[-1] / _frontend.sample_rate))
+    shard.flush()
+    del shard
+    return start, shard_path, results
+
+
+def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, target_length: int,
+                     shard_clips: int, num_workers: int, max_reject_fraction: float,
+                     extra_stats: dict | None = None, progress: bool = True) -> ExtractSummary:
+    """Compute features for every manifest row into `out_dir` (replaced atomically on success).
+
+    Raises AjepaError when the rejected fraction exceeds `max_reject_fraction`; the rejects list is
+    then kept beside the (not installed) output as `<out_dir>.rejects.csv`.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    n = len(manifest)
+    if n == 0:
+        raise AjepaError("manifest has no clips: nothing to extract")
+    workers = num_workers or os.cpu_count() or 1
+    rejected_path = out_dir.with_name(out_dir.name + ".rejects.csv")
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        tasks = []
+        for s, shard_start in enumerate(range(0, n, shard_clips)):
+            rows = min(shard_clips, n - shard_start)
+            shard_path = tmp / f"shard-{s:05d}.npy"
+            # open_memmap writes the header and sizes the file sparsely: nothing is held in memory
+            np.lib.format.open_memmap(shard_path, mode="w+", dtype=np.float16,
+                                      shape=(rows, target_length, frontend.num_mel_bins)).flush()
+            for c in range(0, rows, CHUNK_CLIPS):
+                paths = manifest["path"].iloc[shard_start + c: shard_start + min(c + CHUNK_CLIPS, rows)].tolist()
+                tasks.append((str(shard_path), c, paths, target_length))
+        results = {}
+        bar = progress_bar(n, f"features {out_dir.name}", "clip", enabled=progress)
+        if workers == 1:
+            _init_worker(frontend)
+            outputs = map(_process_chunk, tasks)
+            pool = None
+        else:
+            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(frontend,))
+            outputs = pool.imap_unordered(_process_chunk, tasks)
+        try:
+            for start, shard_path, chunk in outputs:
+                results[(shard_path, start)] = chunk
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+        # reassemble in manifest order
+        per_clip = []
+        for shard_path, start, _, _ in tasks:
+            per_clip.extend(results[(shard_path, start)])
+        shard_of, row_of = np.divmod(np.arange(n), shard_clips)
+        reasons = np.array([r[0] for r in per_clip], dtype=object)
+        ok = reasons == ""
+        rejects = pd.DataFrame({"path": manifest["path"].to_numpy()[~ok], "reason": reasons[~ok]})
+        n_rejected = int((~ok).sum())
+        if n_rejected > max_reject_fraction * n:
+            write_csv(rejected_path, rejects)
+            first = f"{rejects['path'].iloc[0]}: {rejects['reason'].iloc[0]}"
+            raise AjepaError(
+                f"{n_rejected} of {n} clips rejected ({n_rejected / n:.1%} > max_reject_fraction "
+                f"{max_reject_fraction:.1%}); list in {rejected_path}; first: {first}")
+
+        in_stats = manifest["split"].isin(STATS_SPLITS).to_numpy() & ok
+        if not in_stats.any():
+            raise AjepaError(f"no readable clip in the statistics splits {STATS_SPLITS}: cannot normalise")
+        total = sum(per_clip[i][2] for i in np.flatnonzero(in_stats))
+        total_sq = sum(per_clip[i][3] for i in np.flatnonzero(in_stats))
+        count = sum(per_clip[i][4] for i in np.flatnonzero(in_stats))
+        mean = total / count
+        std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+        if std == 0.0:
+            raise AjepaError("statistics: zero standard deviation over the training clips (all silent?)")
+
+        index = pd.DataFrame({
+            "clip_id": manifest["clip_id"].to_numpy(), "labels": manifest["labels"].to_numpy(),
+            "fold": manifest["fold"].to_numpy(), "split": manifest["split"].to_numpy(),
+            "shard": shard_of, "row": row_of, "n_frames": [r[1] for r in per_clip],
+            "path": manifest["path"].to_numpy(),
+        })[ok]
+        index.to_csv(tmp / "index.csv", index=False)
+        rejects.to_csv(tmp / "rejects.csv", index=False)
+        audio_seconds = float(sum(r[5] for r in per_clip))
+        stats = {
+            "mean": mean, "std": std, "frames": int(count), "stats_splits": list(STATS_SPLITS),
+            "clips": n, "accepted": int(ok.sum()), "rejected": n_rejected,
+            "target_length": target_length, "num_mel_bins": frontend.num_mel_bins,
+            "sample_rate": frontend.sample_rate, "frame_shift_ms": frontend.frame_shift_ms,
+            "frame_length_ms": frontend.frame_length_ms, "shard_clips": shard_clips,
+            "audio_hours": round(audio_seconds / 3600, 4), **(extra_stats or {}),
+        }
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    if rejected_path.exists():
+        rejected_path.unlink()  # a stale list from an earlier failed run
+    return ExtractSummary(n, int(ok.sum()), n_rejected, time.perf_counter() - t0, audio_seconds, mean, std,
+                          out_dir, out_dir / "rejects.csv")
+
+
+class FeatureStore:
+    """Read-only access to a feature directory: normalised float32 spectrograms by position.
+
+    Shards are memory-mapped lazily, so a store pickled into DataLoader workers opens its own maps.
+    """
+
+    def __init__(self, root: str | os.PathLike, splits: tuple[str, ...] | None = None):
+        self.root = Path(root)
+        stats_path = self.root / "stats.json"
+        if not stats_path.exists():
+            raise AjepaError(f"{self.root}: not a feature store (no stats.json; run `ajepa features` first)")
+        self.stats = json.loads(stats_path.read_text())
+        index = pd.read_csv(self.root / "index.csv", keep_default_na=False,
+                            dtype={"clip_id": str, "labels": str, "path": str})
+        if splits is not None:
+            index = index[index["split"].isin(splits)]
+        self.index = index.reset_index(drop=True)
+        self.mean, self.std = float(self.stats["mean"]), float(self.stats["std"])
+        self._shards: dict[int, np.ndarray] = {}
+        self._shard = self.index["shard"].to_numpy()
+        self._row = self.index["row"].to_numpy()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.stats["target_length"]), int(self.stats["num_mel_bins"])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def raw(self, i: int) -> np.ndarray:
+        """The stored (un-normalised, float16) fbank of clip i."""
+        s = int(self._shard[i])
+        if s not in self._shards:
+            self._shards[s] = np.load(self.root / f"shard-{s:05d}.npy", mmap_mode="r")
+        return self._shards[s][int(self._row[i])]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return normalize(torch.from_numpy(self.raw(i).astype(np.float32)), self.mean, self.std)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state

@@ -1,0 +1,60 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+# The files a working copy of the project needs (what a clone has, minus tests and data).
+PROJECT_FILES = ["ajepa", "workflow", "Snakefile", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
+                 ".dvcignore", ".gitignore"]
+
+# subprocesses (ajepa, dvc, snakemake) must come from the same environment as the tests
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def tiny_params() -> dict:
+    """The repository's params.yaml shrunk to a seconds-long run."""
+    p = load_repo_params()
+    p["datasets"]["synth"]["prepare"].update(pool_clips=24, clips_per_class=5, duration_s=1.0)
+    p["datasets"]["synth"]["target_length"] = 96
+    p["features"].update(shard_clips=32, num_workers=2)
+    return p
+
+
+def make_project_copy(dest: Path, params: dict, git: bool = True) -> Path:
+    """A temporary working copy of the project (its own git repo, as a clone would be)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if git:
+        run(["git", "init", "-q"], dest)
+        run(["git", "add", "-A"], dest)
+        run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"], dest)
+    return dest
+
+
+def run(cmd, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

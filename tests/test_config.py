@@ -1,0 +1,97 @@
+import copy
+
+import pytest
+import yaml
+
+from ajepa.cli import main
+from ajepa.config import load_params, parse_params
+from ajepa.errors import ConfigError
+from conftest import REPO, load_repo_params
+
+
+def test_repository_params_parse():
+    p = load_params(REPO / "params.yaml")
+    assert p.features.sample_rate == 16000 and p.features.num_mel_bins == 128
+    assert "synth" in p.pipeline.datasets
+    assert p.datasets.synth.target_length % p.features.patch_size == 0
+
+
+def _error(mutate) -> str:
+    raw = load_repo_params()
+    mutate(raw)
+    with pytest.raises(ConfigError) as e:
+        parse_params(copy.deepcopy(raw), source="p.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("p.yaml: ")
+    return msg
+
+
+def test_unknown_key_named():
+    msg = _error(lambda r: r["features"].update(num_mels=64))
+    assert "features.num_mels" in msg and "unknown key" in msg
+
+
+def test_unknown_top_level_section():
+    assert "pretrian" in _error(lambda r: r.update(pretrian={}))
+
+
+def test_missing_key_named():
+    assert "features.patch_size is missing" in _error(lambda r: r["features"].pop("patch_size"))
+
+
+def test_wrong_type_named():
+    msg = _error(lambda r: r["features"].update(sample_rate="16k"))
+    assert "features.sample_rate = '16k'" in msg and "integer" in msg
+
+
+def test_bool_is_not_an_integer():
+    assert "features.num_workers = True" in _error(lambda r: r["features"].update(num_workers=True))
+
+
+def test_negative_sample_rate():
+    msg = _error(lambda r: r["features"].update(sample_rate=-16000))
+    assert "features.sample_rate = -16000: must be positive" in msg
+
+
+def test_target_length_must_be_patch_multiple():
+    msg = _error(lambda r: r["datasets"]["synth"].update(target_length=100))
+    assert "datasets.synth.target_length = 100" in msg and "multiple of features.patch_size (16)" in msg
+
+
+def test_mel_bins_must_be_patch_multiple():
+    assert "features.num_mel_bins = 120" in _error(lambda r: r["features"].update(num_mel_bins=120))
+
+
+def test_reject_fraction_range():
+    assert "features.max_reject_fraction = 1.5" in _error(lambda r: r["features"].update(max_reject_fraction=1.5))
+
+
+def test_unknown_pipeline_dataset():
+    assert "pipeline.datasets = 'esc-50'" in _error(lambda r: r["pipeline"].update(datasets=["esc-50"]))
+
+
+def test_snr_range_order():
+    assert "snr_db" in _error(lambda r: r["datasets"]["synth"]["prepare"].update(snr_db=[30.0, 5.0]))
+
+
+def test_cli_reports_one_line_and_exit_code(tmp_path, capsys):
+    raw = load_repo_params()
+    raw["features"]["frame_shift_ms"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["--params", str(bad), "features", "synth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ajepa features: error: {bad}: features.frame_shift_ms = 0.0: must be positive"
+
+
+def test_cli_missing_params_file(tmp_path, capsys):
+    assert main(["--params", str(tmp_path / "nope.yaml"), "prepare", "synth"]) == 2
+    assert "nope.yaml: not found" in capsys.readouterr().err
+
+
+def test_cli_invalid_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("features: [unclosed\n")
+    assert main(["--params", str(bad), "prepare", "synth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid YAML" in err and "\n" not in err

@@ -1,0 +1,44 @@
+DATASETS = config["pipeline"]["datasets"]
+FEATURE_KEYS = ["sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "patch_size",
+                "shard_clips", "max_reject_fraction"]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+
+
+rule prepare:
+    input:
+        "ajepa/stages/prepare.py",
+        "ajepa/data/synth.py",
+        "ajepa/data/manifest.py",
+    output:
+        directory("data/raw/{dataset}"),
+        "data/manifests/{dataset}.csv",
+        "data/manifests/{dataset}.json",
+    params:
+        settings=lambda w: config["datasets"][w.dataset]["prepare"],
+    log:
+        "logs/prepare/{dataset}.log",
+    shell:
+        "ajepa prepare {wildcards.dataset} 2> {log}"
+
+
+rule features:
+    input:
+        "data/raw/{dataset}",
+        "data/manifests/{dataset}.csv",
+        "data/manifests/{dataset}.json",
+        "ajepa/stages/features.py",
+        "ajepa/data/frontend.py",
+        "ajepa/data/store.py",
+    output:
+        directory("data/features/{dataset}"),
+    params:
+        target_length=lambda w: config["datasets"][w.dataset]["target_length"],
+        frontend={k: config["features"][k] for k in FEATURE_KEYS},
+    threads: workflow.cores
+    log:
+        "logs/features/{dataset}.log",
+    shell:
+        "ajepa features {wildcards.dataset} 2> {log}"
