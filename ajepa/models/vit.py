@@ -1,0 +1,180 @@
+"""ViT encoder and predictor on a rectangular (time, frequency) patch grid.
+
+Spectrograms [B, T, F] are cut into non-overlapping patches; the grid is
+(n_time, n_freq) = (T / p, F / p) and patch index = t * n_freq + f (time-major), which
+is exactly the row-major flatten of the Conv2d output with time as height.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+
+from .attention import KeyMaskBlock
+
+__all__ = ["SIZES", "resolve_size", "sincos_pos_embed_2d", "gather_tokens", "init_vit_weights",
+           "SpectrogramEncoder", "Predictor"]
+
+# ViT sizes (embed_dim, depth, num_heads) as in ViT/MAE/I-JEPA; A-JEPA's main model is "base".
+SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def resolve_size(kwargs: dict) -> dict:
+    """Expand an optional `size` key ("tiny".."large") into embed_dim/depth/num_heads.
+
+    Explicit keys win, so `{"size": "base", "depth": 2}` is a shallow base-width model and
+    `{"embed_dim": 64, "depth": 2, "num_heads": 4}` needs no size at all.
+    """
+    kwargs = dict(kwargs)
+    size = kwargs.pop("size", None)
+    return {**SIZES[size], **kwargs} if size is not None else kwargs
+
+
+def _sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double()[:, None] * omega[None, :]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_pos_embed_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding [n_time * n_freq, dim] (MAE/I-JEPA formula).
+
+    MAE builds the grid with meshgrid(w, h), so its first half of the channels encodes the
+    column (width) coordinate and the second half the row. We keep that channel order --
+    first half frequency (column), second half time (row) -- so a square grid reproduces
+    MAE's table exactly, but take the two extents separately: the grid is rectangular.
+    """
+    n_time, n_freq = grid
+    assert dim % 4 == 0, "sin-cos 2-D embedding needs dim divisible by 4"
+    t = torch.arange(n_time).repeat_interleave(n_freq)  # row index of patch t * n_freq + f
+    f = torch.arange(n_freq).repeat(n_time)  # column index
+    return torch.cat([_sincos_1d(f, dim // 2), _sincos_1d(t, dim // 2)], dim=1).float()
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], idx [B, *S] -> [B, *S, D]."""
+    B, D = x.shape[0], x.shape[-1]
+    flat = idx.reshape(B, -1)
+    out = torch.gather(x, 1, flat.unsqueeze(-1).expand(-1, -1, D))
+    return out.reshape(*idx.shape, D)
+
+
+def init_vit_weights(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> None:
+    """I-JEPA/MAE init: trunc_normal_(0.02) for Linear/Conv weights, zero biases,
+    LayerNorm (1, 0); then I-JEPA's `fix_init_weight`: divide each block's residual-branch
+    output projections (attn.proj, mlp.fc2) by sqrt(2 * layer_id), layer_id from 1, so the
+    residual stream's variance does not grow with depth at init."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer_id, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+# eps=1e-6 as in I-JEPA/MAE (torch's default is 1e-5).
+_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    return [x.item() for x in torch.linspace(0, drop_path, depth)]  # stochastic depth decay rule
+
+
+class SpectrogramEncoder(nn.Module):
+    """ViT over spectrogram patches; no CLS token (I-JEPA/A-JEPA predict patch features only)."""
+
+    def __init__(self, grid: tuple[int, int], patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, drop_path: float = 0.0, qkv_bias: bool = True):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.patch_embed = PatchEmbed(img_size=(self.grid[0] * patch_size, self.grid[1] * patch_size),
+                                      patch_size=patch_size, in_chans=1, embed_dim=embed_dim)
+        # Fixed, not learned (MAE/I-JEPA): a buffer, never optimised. Not persistent: it is a
+        # pure function of the grid, so checkpoints load at any clip length (e.g. pretrain on
+        # 1024 frames, fine-tune on 192) without a shape clash or a resampled table.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, embed_dim)[None], persistent=False)
+        self.blocks = nn.ModuleList(
+            KeyMaskBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dp,
+                         norm_layer=_norm)
+            for dp in _drop_path_rates(drop_path, depth))
+        self.norm = _norm(embed_dim)
+        init_vit_weights(self, self.blocks)
+
+    @classmethod
+    def from_size(cls, size: str, grid: tuple[int, int], **kwargs) -> "SpectrogramEncoder":
+        return cls(grid, **resolve_size({"size": size, **kwargs}))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, F] -> pos-embedded patch tokens [B, N, D]."""
+        return self.patch_embed(x.unsqueeze(1)) + self.pos_embed
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, key_mask_ratio: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """x [B, T, F]; keep [B, K] patch indices or None -> [B, K or N, D].
+
+        Kept tokens are gathered after adding the pos embed and before the blocks, so the
+        context encoder only pays for visible patches. `key_mask_ratio` > 0 turns on
+        regularized (key) masking, in training mode only.
+        """
+        x = self.embed(x)
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        for blk in self.blocks:
+            x = blk(x, key_mask_ratio=key_mask_ratio, generator=generator)
+        return self.norm(x)
+
+
+class Predictor(nn.Module):
+    """Narrow ViT predicting target-block features from context tokens (I-JEPA predictor).
+
+    Paper: depth 16, width 512. All M target blocks are predicted in one batched pass:
+    each (sample, block) pair is its own sequence [context | Kt mask tokens], so blocks
+    never see each other (same as I-JEPA's per-mask loop, M times fewer kernel launches).
+    """
+
+    def __init__(self, grid: tuple[int, int], encoder_dim: int, predictor_dim: int = 512, depth: int = 16,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, drop_path: float = 0.0, qkv_bias: bool = True):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.embed = nn.Linear(encoder_dim, predictor_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, predictor_dim), persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(predictor_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dp,
+                  norm_layer=_norm)
+            for dp in _drop_path_rates(drop_path, depth))
+        self.norm = _norm(predictor_dim)
+        self.proj = nn.Linear(predictor_dim, encoder_dim)
+        init_vit_weights(self, self.blocks)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, context_tokens: torch.Tensor, context_idx: torch.Tensor,
+                target_idx: torch.Tensor) -> torch.Tensor:
+        """context_tokens [B, Kc, D], context_idx [B, Kc], target_idx [B, M, Kt] -> [B, M, Kt, D]."""
+        B, M, Kt = target_idx.shape
+        ctx = self.embed(context_tokens) + self.pos_embed[context_idx]
+        ctx = ctx.repeat_interleave(M, dim=0)  # row b * M + m
+        tgt = self.mask_token + self.pos_embed[target_idx.reshape(B * M, Kt)]
+        x = torch.cat([ctx, tgt], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.proj(self.norm(x[:, -Kt:]))
+        return x.reshape(B, M, Kt, -1)

@@ -1,0 +1,224 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ajepa.models import (AJEPA, SIZES, KeyMaskBlock, Predictor, SpectrogramEncoder, random_key_mask,
+                          resolve_size, sincos_pos_embed_2d)
+
+GRID, P = (4, 8), 4  # rectangular 4 x 8 grid of 4 x 4 patches: input [B, 16, 32]
+ENC = dict(grid=GRID, patch_size=P, embed_dim=32, depth=2, num_heads=4)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def spec(b=2):
+    return torch.randn(b, GRID[0] * P, GRID[1] * P)
+
+
+def masks(b=2, m=3, kt=4, kc=10, n=GRID[0] * GRID[1]):
+    perm = torch.stack([torch.randperm(n) for _ in range(b)])
+    return perm[:, :kc], perm[:, kc:kc + m * kt].reshape(b, m, kt)
+
+
+# --- positional embedding -------------------------------------------------------------
+
+def _mae_2d_sincos(dim, size):  # MAE's numpy reference (square grid)
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    grid = np.stack(np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32)), 0)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+@pytest.mark.parametrize("grid", [(4, 8), (3, 2), (64, 8)])
+def test_pos_embed_rectangular(grid):
+    d = 16
+    pe = sincos_pos_embed_2d(grid, d)
+    assert pe.shape == (grid[0] * grid[1], d)
+    assert torch.unique(pe, dim=0).shape[0] == pe.shape[0]  # every patch distinct
+    # time-major: row t * n_freq + f; first half depends only on f, second half only on t
+    pe = pe.reshape(grid[0], grid[1], d)
+    assert torch.allclose(pe[:, :, : d // 2], pe[:1, :, : d // 2].expand_as(pe[:, :, : d // 2]))
+    assert torch.allclose(pe[:, :, d // 2:], pe[:, :1, d // 2:].expand_as(pe[:, :, d // 2:]))
+
+
+def test_pos_embed_matches_mae_on_square_grid_and_is_buffer():
+    ref = torch.from_numpy(_mae_2d_sincos(32, 5)).float()
+    assert torch.allclose(sincos_pos_embed_2d((5, 5), 32), ref, atol=1e-6)
+    enc = SpectrogramEncoder(**ENC)
+    assert "pos_embed" in dict(enc.named_buffers())
+    assert all("pos_embed" not in n for n, _ in enc.named_parameters())
+    assert "pos_embed" not in enc.state_dict()  # recomputed from grid -> loads at any clip length
+    other = SpectrogramEncoder(**{**ENC, "grid": (6, 8)})
+    other.load_state_dict(enc.state_dict())
+
+
+# --- encoder ---------------------------------------------------------------------------
+
+def test_encoder_shapes_and_sizes():
+    enc = SpectrogramEncoder(**ENC)
+    assert enc(spec()).shape == (2, 32, 32)
+    enc16 = SpectrogramEncoder((3, 2), patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    assert enc16(torch.randn(1, 48, 32)).shape == (1, 6, 32)
+    assert resolve_size({"size": "base", "depth": 2}) == dict(embed_dim=768, depth=2, num_heads=12)
+    assert SIZES["large"] == dict(embed_dim=1024, depth=24, num_heads=16)
+    tiny = SpectrogramEncoder.from_size("tiny", (2, 2), patch_size=4, depth=1)
+    assert tiny.embed_dim == 192 and len(tiny.blocks) == 1
+
+
+def test_init_rescales_residual_projections():
+    enc = SpectrogramEncoder(**{**ENC, "embed_dim": 256, "depth": 4})
+    stds = [b.mlp.fc2.weight.std().item() for b in enc.blocks]
+    for layer_id, s in enumerate(stds, start=1):  # trunc_normal(0.02) / sqrt(2 * layer_id)
+        assert s == pytest.approx(0.02 / math.sqrt(2 * layer_id), rel=0.05)
+    assert enc.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_encoder_keep_equals_blocks_on_gathered_subset():
+    enc = SpectrogramEncoder(**ENC).eval()
+    x = spec()
+    keep, _ = masks()
+    tokens = enc.patch_embed(x.unsqueeze(1)) + enc.pos_embed
+    h = torch.stack([tokens[b, keep[b]] for b in range(2)])
+    for blk in enc.blocks:
+        h = blk(h)
+    assert torch.allclose(enc(x, keep=keep), enc.norm(h), atol=1e-6)
+    full = torch.arange(32).expand(2, -1)
+    assert torch.allclose(enc(x, keep=full), enc(x), atol=1e-6)
+
+
+# --- predictor -------------------------------------------------------------------------
+
+def test_predictor_batched_equals_separate_passes():
+    pred = Predictor(GRID, encoder_dim=32, predictor_dim=16, depth=2, num_heads=2).eval()
+    ctx_idx, tgt_idx = masks()
+    ctx = torch.randn(2, ctx_idx.shape[1], 32)
+    out = pred(ctx, ctx_idx, tgt_idx)
+    assert out.shape == (2, 3, 4, 32)
+    for m in range(3):
+        assert torch.allclose(out[:, m], pred(ctx, ctx_idx, tgt_idx[:, m:m + 1])[:, 0], atol=1e-5)
+    # mask tokens at different positions must give different predictions
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+# --- regularized (key) masking ---------------------------------------------------------
+
+def test_random_key_mask_counts():
+    m = random_key_mask(3, 20, 0.1)
+    assert m.shape == (3, 1, 1, 20) and m.dtype == torch.bool
+    assert ((~m).sum(-1) == 2).all()
+    assert random_key_mask(3, 5, 0.1) is None  # floor(0.5) = 0 keys -> unmasked fast path
+    assert ((~random_key_mask(1, 4, 1.0)).sum() == 3)  # never hides every key
+
+
+def test_masked_keys_get_zero_attention_and_fused_matches_reference():
+    blk = KeyMaskBlock(32, 4, qkv_bias=True)
+    x = torch.randn(2, 12, 32)
+    mask = random_key_mask(2, 12, 0.25)
+    out_ref, probs = blk.attn.forward_with_probs(x, mask)
+    assert probs.shape == (2, 4, 12, 12)
+    hidden = (~mask).expand_as(probs)
+    assert (probs[hidden] == 0).all() and (probs[~hidden] > 0).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 12))
+    assert torch.allclose(blk.attn(x, attn_mask=mask), out_ref, atol=1e-5)  # fused SDPA path
+    assert torch.allclose(blk.attn(x), blk.attn.forward_with_probs(x)[0], atol=1e-5)
+
+
+def test_block_applies_its_drawn_mask():
+    blk = KeyMaskBlock(32, 4, qkv_bias=True).train()
+    x = torch.randn(2, 12, 32)
+    out = blk(x, key_mask_ratio=0.25)
+    mask = blk.last_key_mask
+    h = x + blk.attn.forward_with_probs(blk.norm1(x), mask)[0]
+    assert torch.allclose(out, h + blk.mlp(blk.norm2(h)), atol=1e-5)
+
+
+def test_key_mask_fresh_per_layer_and_call_and_train_only():
+    enc = SpectrogramEncoder(**{**ENC, "depth": 3}).train()
+    x = spec()
+    y1 = enc(x, key_mask_ratio=0.25)
+    m1 = [b.last_key_mask.clone() for b in enc.blocks]
+    assert all(((~m).sum(-1) == 8).all() for m in m1)  # floor(0.25 * 32) hidden per sample
+    assert not torch.equal(m1[0], m1[1]) and not torch.equal(m1[1], m1[2])
+    y2 = enc(x, key_mask_ratio=0.25)
+    assert not torch.equal(m1[0], enc.blocks[0].last_key_mask) and not torch.allclose(y1, y2)
+
+    plain = enc.eval()(x)
+    assert torch.equal(enc(x, key_mask_ratio=0.25), plain)  # eval: off
+    assert all(b.last_key_mask is None for b in enc.blocks)
+    assert torch.equal(enc.train()(x, key_mask_ratio=0.0), plain)  # ratio 0: exactly plain
+
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(enc(x, key_mask_ratio=0.25, generator=g1), enc(x, key_mask_ratio=0.25, generator=g2))
+
+
+# --- A-JEPA ----------------------------------------------------------------------------
+
+def model(loss="l2"):
+    return AJEPA(ENC, dict(predictor_dim=16, depth=2, num_heads=2), loss=loss)
+
+
+def test_target_features_layernormed_no_grad():
+    m = model()
+    x = spec()
+    _, tgt_idx = masks()
+    t = m.forward_target(x, tgt_idx)
+    assert t.shape == (2, 3, 4, 32) and not t.requires_grad
+    assert torch.allclose(t.mean(-1), torch.zeros(2, 3, 4), atol=1e-5)
+    assert torch.allclose(t.var(-1, unbiased=False), torch.ones(2, 3, 4), atol=1e-3)
+    assert not any(p.requires_grad for p in m.target_encoder.parameters())
+    full = F.layer_norm(m.target_encoder(x), (32,))
+    assert torch.allclose(t[1, 2], full[1, tgt_idx[1, 2]])
+
+
+def test_ema_update():
+    m = model()
+    for p in m.context_encoder.parameters():
+        torch.nn.init.normal_(p)
+    tgt0 = [p.clone() for p in m.target_encoder.parameters()]
+    ctx = [p.clone() for p in m.context_encoder.parameters()]
+    m.update_target(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(tgt0, m.target_encoder.parameters()))
+    m.update_target(0.9)
+    for t0, c, t in zip(tgt0, ctx, m.target_encoder.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * c, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(ctx, m.context_encoder.parameters()))
+
+
+def test_losses_and_gradients():
+    pred, tgt = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)
+    assert torch.allclose(model("l2").loss(pred, tgt), ((pred - tgt) ** 2).mean())
+    assert torch.allclose(model("smooth_l1").loss(pred, tgt), F.smooth_l1_loss(pred, tgt))
+    with pytest.raises(ValueError):
+        model("l1")
+
+    m = model()
+    ctx_idx, tgt_idx = masks()
+    m(spec(), ctx_idx, tgt_idx).backward()
+    assert all(p.grad is not None for p in m.context_encoder.parameters())
+    assert all(p.grad is not None for p in m.predictor.parameters())
+    assert m.context_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.target_encoder.parameters())
+
+
+def test_few_steps_reduce_loss():
+    m = model().train()
+    x = spec()
+    ctx_idx, tgt_idx = masks()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = m(x, ctx_idx, tgt_idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.update_target(0.996)
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0]
