@@ -82,3 +82,12 @@ def test_resampler_matches_functional(tmp_path):
     wav = torch.randn(1, 22050)
     fe = FrontEnd()
     assert torch.equal(fe.resample(wav, 22050), torchaudio.functional.resample(wav, 22050, 16000))
+
+
+def test_pcm16_fast_path_is_bit_identical(tmp_path):
+    """PCM16 files are read as int16 and scaled by 2^-15; the result must equal libsndfile's float read."""
+    path = tmp_path / "pcm16.wav"
+    rng = np.random.default_rng(3)
+    sf.write(path, (0.5 * rng.standard_normal((30000, 2))).clip(-1, 1).astype(np.float32), 44100, subtype="PCM_16")
+    assert sf.info(str(path)).subtype == "PCM_16"
+    assert torch.equal(FrontEnd()(path), audiomae_fbank(str(path)))

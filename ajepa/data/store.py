@@ -71,10 +71,12 @@ def _process_chunk(task):
             n_frames = fb.shape[0]
             fb = pad_or_crop(fb, target_length)
             valid = fb[: min(n_frames, target_length)].double()
-            shard[start + k] = fb.numpy().astype(np.float16)
+            # torch's float16 cast is vectorised (F16C) and rounds like numpy's, at a tenth of the cost
+            shard[start + k] = fb.half().numpy()
             results.append(("", n_frames, float(valid.sum()), float((valid * valid).sum()), valid.numel(),
                             wav.shape[-1] / _frontend.sample_rate))
-    shard.flush()
+    # no msync: the mapping is shared, so the parent reads the pages from the page cache; forcing
+    # them to disk per chunk would cost more than the fbank
     del shard
     return start, shard_path, results
 
