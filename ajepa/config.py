@@ -83,6 +83,110 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class EncoderConfig:
+    """ViT encoder. The paper's ViT-B is 768 / 12 / 12 (ViT-S 384 / 12 / 6, see ajepa.models.SIZES)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    drop_path: float
+
+    def check(self, key: str) -> None:
+        _positive(self, key, "embed_dim", "depth", "num_heads", "mlp_ratio")
+        if self.embed_dim % self.num_heads:
+            _bad(key + ".embed_dim", self.embed_dim, f"must be divisible by num_heads ({self.num_heads})")
+        if self.embed_dim % 4:
+            _bad(key + ".embed_dim", self.embed_dim, "must be divisible by 4 (2-D sin-cos position embedding)")
+        if not 0.0 <= self.drop_path < 1.0:
+            _bad(key + ".drop_path", self.drop_path, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    embed_dim: int  # paper: 512
+    depth: int  # paper: 16
+    num_heads: int
+
+    def check(self, key: str) -> None:
+        _positive(self, key, "embed_dim", "depth", "num_heads")
+        if self.embed_dim % self.num_heads or self.embed_dim % 4:
+            _bad(key + ".embed_dim", self.embed_dim, f"must be divisible by num_heads ({self.num_heads}) and by 4")
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    mode: Literal["curriculum", "block", "tf", "inverse"]
+    curriculum_c0: float
+    num_targets: int  # block mode (I-JEPA): 4
+    target_scale: list[float]
+    target_aspect: list[float]
+    context_scale: list[float]
+    tf_num_targets: int  # time-frequency mode (paper): 3
+    tf_scale: list[float]
+    min_keep: int
+
+    def check(self, key: str) -> None:
+        _positive(self, key, "num_targets", "tf_num_targets", "min_keep")
+        if not 0.0 < self.curriculum_c0 <= 1.0:
+            _bad(key + ".curriculum_c0", self.curriculum_c0, "must be in (0, 1]")
+        for name in ("target_scale", "target_aspect", "context_scale", "tf_scale"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+                _bad(f"{key}.{name}", lo_hi, "must be [low, high] with 0 < low <= high")
+        for name in ("target_scale", "context_scale", "tf_scale"):
+            if getattr(self, name)[1] > 1.0:
+                _bad(f"{key}.{name}", getattr(self, name), "a scale is a fraction of the patches: at most 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int
+    batch_size: int  # global batch, split evenly over torchrun processes
+    lr: float
+    final_lr: float
+    warmup_epochs: float
+    weight_decay: list[float]  # [start, end], cosine (I-JEPA)
+    betas: list[float]
+    grad_clip: float  # 0 disables
+    ema_momentum: list[float]  # [start, end], linear per iteration (I-JEPA)
+
+    def check(self, key: str) -> None:
+        _positive(self, key, "epochs", "batch_size", "lr")
+        if self.final_lr < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
+            _bad(key, {"final_lr": self.final_lr, "warmup_epochs": self.warmup_epochs, "grad_clip": self.grad_clip},
+                 "final_lr, warmup_epochs and grad_clip must be >= 0")
+        if len(self.weight_decay) != 2 or min(self.weight_decay) < 0:
+            _bad(key + ".weight_decay", self.weight_decay, "must be [start, end], both >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _bad(key + ".betas", self.betas, "must be two numbers in [0, 1)")
+        if len(self.ema_momentum) != 2 or not all(0 <= m <= 1 for m in self.ema_momentum):
+            _bad(key + ".ema_momentum", self.ema_momentum, "must be [start, end] in [0, 1]")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    dataset: str  # a feature store under data/features/
+    splits: list[str]  # manifest splits used for pretraining
+    seed: int
+    encoder: EncoderConfig
+    predictor: PredictorConfig
+    masking: MaskingConfig
+    optim: OptimConfig
+    loss: Literal["l2", "smooth_l1"]  # paper: mean L2; smooth-L1 as in the I-JEPA code
+    checkpoint_every: int  # steps between resumable checkpoints
+    log_every: int  # steps between logged points
+    num_workers: int  # data-loader worker processes
+
+    def check(self, key: str) -> None:
+        _positive(self, key, "checkpoint_every", "log_every")
+        if self.num_workers < 0:
+            _bad(key + ".num_workers", self.num_workers, "must be >= 0")
+        if not self.splits:
+            _bad(key + ".splits", self.splits, "must name at least one split")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     datasets: list[str]  # datasets that prepare@ and features@ run for
 
@@ -92,9 +196,12 @@ class Params:
     pipeline: PipelineConfig
     datasets: DatasetsConfig
     features: FeaturesConfig
+    pretrain: PretrainConfig
 
     def check(self, key: str) -> None:
         known = [f.name for f in dataclasses.fields(DatasetsConfig)]
+        if self.pretrain.dataset not in known:
+            _bad("pretrain.dataset", self.pretrain.dataset, f"unknown dataset (known: {', '.join(known)})")
         for name in self.pipeline.datasets:
             if name not in known:
                 _bad("pipeline.datasets", name, f"unknown dataset (known: {', '.join(known)})")

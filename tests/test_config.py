@@ -95,3 +95,21 @@ def test_cli_invalid_yaml(tmp_path, capsys):
     assert main(["--params", str(bad), "prepare", "synth"]) == 2
     err = capsys.readouterr().err.strip()
     assert "not valid YAML" in err and "\n" not in err
+
+
+def test_pretrain_masking_mode_must_be_known():
+    msg = _error(lambda r: r["pretrain"]["masking"].update(mode="random"))
+    assert "pretrain.masking.mode = 'random'" in msg and "'curriculum'" in msg
+
+
+def test_pretrain_heads_must_divide_width():
+    msg = _error(lambda r: r["pretrain"]["encoder"].update(embed_dim=100, num_heads=3))
+    assert "pretrain.encoder.embed_dim = 100: must be divisible by num_heads (3)" in msg
+
+
+def test_pretrain_scale_above_one():
+    assert "pretrain.masking.context_scale" in _error(lambda r: r["pretrain"]["masking"].update(context_scale=[0.9, 1.2]))
+
+
+def test_pretrain_dataset_must_exist():
+    assert "pretrain.dataset = 'audioset'" in _error(lambda r: r["pretrain"].update(dataset="audioset"))
