@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("features", help="log-mel fbank features into memory-mapped shards")
     s.add_argument("dataset")
 
+    s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; works under torchrun)")
+    s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
+
     s = sub.add_parser("bench", help="measure throughput of a stage")
     bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
@@ -44,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             from ajepa.stages import prepare as stage
         elif args.command == "features":
             from ajepa.stages import features as stage
-        print(stage.run(params, args.dataset))
+        if args.command == "pretrain":
+            from ajepa.stages import pretrain as stage
+            summary = stage.run(params, stop_after=args.stop_after)
+        else:
+            summary = stage.run(params, args.dataset)
+        if summary:
+            print(summary)
         return 0
     except AjepaError as e:
         print(f"ajepa {args.command}: error: {e}", file=sys.stderr)

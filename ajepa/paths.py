@@ -18,3 +18,16 @@ def manifest_dir() -> Path:
 
 def features_dir(dataset: str) -> Path:
     return DATA / "features" / dataset
+
+
+def pretrain_dir() -> Path:
+    return Path("models") / "pretrain"
+
+
+def pretrain_state_dir() -> Path:
+    """Resumable training state: persistent and uncached in dvc.yaml, never a Snakemake output."""
+    return Path("models") / "pretrain_state"
+
+
+def pretrain_results() -> Path:
+    return Path("results") / "pretrain"
