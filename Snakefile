@@ -6,8 +6,10 @@ configfile: "params.yaml"
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
 
 
 rule all:
     input:
         expand("data/features/{dataset}", dataset=config["pipeline"]["datasets"]),
+        "models/pretrain/encoder.safetensors",

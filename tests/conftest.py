@@ -26,6 +26,10 @@ def tiny_params() -> dict:
     p["datasets"]["synth"]["prepare"].update(pool_clips=24, clips_per_class=5, duration_s=1.0)
     p["datasets"]["synth"]["target_length"] = 96
     p["features"].update(shard_clips=32, num_workers=2)
+    p["pretrain"]["encoder"].update(embed_dim=32, depth=2, num_heads=2)
+    p["pretrain"]["predictor"].update(embed_dim=32, depth=1, num_heads=2)
+    p["pretrain"]["optim"].update(epochs=2, batch_size=8)
+    p["pretrain"].update(checkpoint_every=2, log_every=1, num_workers=0)
     return p
 
 

@@ -1,6 +1,7 @@
 """The orchestrators end to end on a tiny configuration, each in its own temporary copy of the project."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -55,3 +56,16 @@ def test_snakemake_produces_the_same_features(dvc_copy, snakemake_copy):
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (dvc_root / "data/manifests/synth.csv").read_bytes() == (smk_root / "data/manifests/synth.csv").read_bytes()
+    # pretraining is deterministic too: the same encoder weights from either orchestrator
+    encoder = "models/pretrain/encoder.safetensors"
+    assert (dvc_root / encoder).read_bytes() == (smk_root / encoder).read_bytes()
+
+
+def test_dvc_pretrain_outputs(dvc_copy):
+    root, r = dvc_copy
+    metrics = json.loads((root / "results/pretrain/metrics.json").read_text())
+    assert metrics["steps"] == 2 * (24 // 8) and math.isfinite(metrics["final_loss"])
+    assert (root / "models/pretrain_state/checkpoint.pt").exists()
+    assert (root / "results/pretrain/masks.png").read_bytes()[:4] == b"\x89PNG"
+    shown = run(["dvc", "metrics", "show"], root).stdout
+    assert "final_loss" in shown

@@ -136,7 +136,9 @@ def export_encoder(path: str | os.PathLike, encoder: nn.Module, config: dict) ->
     Keys are those of the bare encoder even when it is wrapped in DDP or torch.compile, so the file
     loads into a plain ``SpectrogramEncoder(**config)``."""
     tensors = {_strip_wrappers(k): v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    metadata = {"format": ENCODER_FORMAT, "config": json.dumps(config, sort_keys=True)}
+    # one metadata key: safetensors writes its metadata map in hash order, so two keys would make
+    # identical weights hash differently from run to run (and DVC see a change that is not one)
+    metadata = {"ajepa": json.dumps({"format": ENCODER_FORMAT, "config": config}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         _fsync(tmp)
@@ -153,9 +155,10 @@ def load_encoder_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AjepaError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from e
-    if metadata.get("format") != ENCODER_FORMAT or "config" not in metadata:
-        raise AjepaError(f"{path}: not an ajepa encoder export (metadata format {metadata.get('format')!r})")
-    return tensors, json.loads(metadata["config"])
+    info = json.loads(metadata.get("ajepa", "{}"))
+    if info.get("format") != ENCODER_FORMAT or "config" not in info:
+        raise AjepaError(f"{path}: not an ajepa encoder export (metadata format {info.get('format')!r})")
+    return tensors, info["config"]
 
 
 def _jsonable(obj):

@@ -83,7 +83,8 @@ def _prune_live(live_dir: Path, start_step: int) -> None:
         lines = tsv.read_text().splitlines()
         if not lines:
             continue
-        keep = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[1]) < start_step]
+        col = lines[0].split("\t").index("step")
+        keep = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) < start_step]
         tsv.write_text("\n".join(keep) + "\n")
 
 

@@ -1,0 +1,146 @@
+"""Pretraining on a tiny synthetic feature store: learning, resume, faults, torchrun."""
+
+import json
+import math
+import os
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from ajepa.config import parse_params
+from ajepa.data import synth
+from ajepa.data.frontend import FrontEnd
+from ajepa.data.manifest import unlabeled_rows
+from ajepa.data.store import FeatureStore, extract_features
+from ajepa.errors import AjepaError
+from ajepa.models import AJEPA
+from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
+from ajepa.train.distributed import init_distributed
+from ajepa.train.pretrain import PretrainPaths, pretrain
+from conftest import run, tiny_params
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    """A pool of 48 one-second synthetic clips as features (96 x 128, a 6 x 8 patch grid)."""
+    root = tmp_path_factory.mktemp("features")
+    spec = synth.SynthSpec(seed=3, duration_s=1.0, sample_rate=16000, snr_db=(10.0, 30.0))
+    synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=48)
+    rows = unlabeled_rows(root / "raw", "meta/pool.csv", "pool")
+    out = root / "data" / "features" / "synth"
+    extract_features(rows, out, FrontEnd(), 96, 64, 1, 0.0, extra_stats={"grid": [6, 8], "patch_size": 16},
+                     progress=False)
+    return out
+
+
+def _params(**pretrain_overrides):
+    p = tiny_params()
+    p["pretrain"].update(pretrain_overrides)
+    return parse_params(p)
+
+
+def _paths(root):
+    return PretrainPaths(encoder=root / "encoder.safetensors", state=root / "state", live=root / "live",
+                         metrics=root / "metrics.json")
+
+
+def _train(cfg, store_dir, out, **kw):
+    losses = {}
+    r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(),
+                 on_step=lambda s, loss: losses.__setitem__(s, loss), enable_progress=False, **kw)
+    return r, losses
+
+
+def test_loss_decreases(store_dir, tmp_path):
+    cfg = _params().pretrain
+    cfg = type(cfg)(**{**cfg.__dict__, "optim": type(cfg.optim)(**{**cfg.optim.__dict__, "epochs": 8, "lr": 2e-3})})
+    r, losses = _train(cfg, store_dir, tmp_path)
+    steps = sorted(losses)
+    assert len(steps) == 8 * (48 // 8) == r.steps
+    first, last = steps[:5], steps[-5:]
+    assert sum(losses[s] for s in last) / 5 < 0.8 * sum(losses[s] for s in first) / 5
+    # the export loads into a plain encoder with its own config
+    state, config = load_encoder_state(tmp_path / "encoder.safetensors")
+    assert config["grid"] == [6, 8] and config["embed_dim"] == 32
+    assert 0.0 < r.tf_fraction < 1.0  # the curriculum mixes both mask modes
+    logged = pd.read_csv(tmp_path / "live/plots/metrics/train/loss.tsv", sep="\t")
+    assert list(logged["step"]) == steps
+
+
+def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
+    cfg = _params().pretrain
+    _, straight = _train(cfg, store_dir, tmp_path / "a")
+    r1, part1 = _train(cfg, store_dir, tmp_path / "b", stop_after=5)
+    assert r1.steps == 5 and not (tmp_path / "b/encoder.safetensors").exists()
+    assert load_checkpoint(tmp_path / "b/state/checkpoint.pt")["step"] == 5
+    r2, part2 = _train(cfg, store_dir, tmp_path / "b")
+    assert r2.start_step == 5 and r2.steps == len(straight)
+    assert {**part1, **part2} == straight  # bit-identical: same batches, masks, RNG and optimiser state
+    a, _ = load_encoder_state(tmp_path / "a/encoder.safetensors")
+    b, _ = load_encoder_state(tmp_path / "b/encoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = pd.read_csv(tmp_path / "b/live/plots/metrics/train/loss.tsv", sep="\t")
+    assert list(logged["step"]) == sorted(straight)  # no duplicated rows after the resume
+
+
+def test_changed_parameters_start_afresh(store_dir, tmp_path):
+    _train(_params().pretrain, store_dir, tmp_path, stop_after=3)
+    other = _params(seed=1).pretrain
+    r, _ = _train(other, store_dir, tmp_path, stop_after=2)
+    assert r.start_step == 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(store_dir, tmp_path, monkeypatch):
+    forward = AJEPA.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a):
+        calls["n"] += 1
+        loss = forward(self, *a)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(AJEPA, "forward", poisoned)
+    with pytest.raises(AjepaError) as e:
+        _train(_params().pretrain, store_dir, tmp_path)
+    msg = str(e.value)
+    assert "non-finite loss (nan) at step 3" in msg and "(step 2) is kept" in msg and "\n" not in msg
+    assert load_checkpoint(tmp_path / "state/checkpoint.pt")["step"] == 2
+
+
+def test_missing_feature_store_is_one_line(tmp_path, capsys, monkeypatch):
+    import yaml
+    from ajepa.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    assert main(["pretrain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ajepa pretrain: error: data/features/synth: not a feature store") and "\n" not in err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_torchrun_two_processes_match_one(store_dir, tmp_path):
+    """Two gloo processes with half the batch each = one process with the whole batch."""
+    import shutil
+
+    import yaml
+    results = {}
+    for name, cmd in {"single": [sys.executable, "-m", "ajepa.cli", "pretrain"],
+                      "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", "29517", "-m", "ajepa.cli", "pretrain"]}.items():
+        root = tmp_path / name
+        shutil.copytree(store_dir, root / "data/features/synth")
+        p = tiny_params()
+        p["pretrain"]["optim"]["epochs"] = 1
+        (root / "params.yaml").write_text(yaml.safe_dump(p))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = __import__("subprocess").run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[name] = (json.loads((root / "results/pretrain/metrics.json").read_text()),
+                         load_encoder_state(root / "models/pretrain/encoder.safetensors")[0])
+    (m1, w1), (m2, w2) = results["single"], results["ddp"]
+    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m1["steps"] == m2["steps"] == 6
+    assert math.isclose(m1["final_loss"], m2["final_loss"], rel_tol=1e-4)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
