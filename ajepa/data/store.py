@@ -146,9 +146,9 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
         in_stats = manifest["split"].isin(STATS_SPLITS).to_numpy() & ok
         if not in_stats.any():
             raise AjepaError(f"no readable clip in the statistics splits {STATS_SPLITS}: cannot normalise")
-        total = sum(per_clip[i][2] for i in np.flatnonzero(in_stats))
-        total_sq = sum(per_clip[i][3] for i in np.flatnonzero(in_stats))
-        count = sum(per_clip[i][4] for i in np.flatnonzero(in_stats))
+        # columns: n_frames, sum, sum of squares, value count, seconds (rejected rows hold zeros)
+        numbers = np.array([r[1:] for r in per_clip], dtype=np.float64)
+        total, total_sq, count = numbers[in_stats, 1:4].sum(axis=0)
         mean = total / count
         std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
         if std == 0.0:
@@ -157,12 +157,12 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
         index = pd.DataFrame({
             "clip_id": manifest["clip_id"].to_numpy(), "labels": manifest["labels"].to_numpy(),
             "fold": manifest["fold"].to_numpy(), "split": manifest["split"].to_numpy(),
-            "shard": shard_of, "row": row_of, "n_frames": [r[1] for r in per_clip],
+            "shard": shard_of, "row": row_of, "n_frames": numbers[:, 0].astype(np.int64),
             "path": manifest["path"].to_numpy(),
         })[ok]
         index.to_csv(tmp / "index.csv", index=False)
         rejects.to_csv(tmp / "rejects.csv", index=False)
-        audio_seconds = float(sum(r[5] for r in per_clip))
+        audio_seconds = float(numbers[:, 4].sum())
         stats = {
             "mean": mean, "std": std, "frames": int(count), "stats_splits": list(STATS_SPLITS),
             "clips": n, "accepted": int(ok.sum()), "rejected": n_rejected,
