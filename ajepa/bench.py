@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -13,9 +15,12 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from ajepa import masks
 from ajepa.data import synth
 from ajepa.data.frontend import FrontEnd
 from ajepa.data.store import extract_features
+from ajepa.errors import AjepaError
+from ajepa.models.vit import SIZES
 
 BENCH_SR, BENCH_SECONDS = 44100, 10.0
 
@@ -77,7 +82,142 @@ def bench_features(clips: int, workers: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# pretraining step
+
+
+def _expected_tf_fraction(mode: str, c0: float, n: int = 10_000) -> float:
+    """Share of TF-mode steps a whole run of `mode` draws (curriculum: the mean of f(s), about 2/3)."""
+    if mode in ("block", "tf"):
+        return float(mode == "tf")
+    f = sum(masks.curriculum_probability(s, n, c0) for s in range(n)) / n
+    return f if mode == "curriculum" else 1.0 - f
+
+
+def bench_pretrain(params, encoder: str = "config", target_length: int | None = None, batch: int | None = None,
+                   predictor_dim: int | None = None, predictor_depth: int | None = None, steps: int = 8,
+                   warmup: int = 2, threads: int | None = None, device: str = "auto") -> dict:
+    """Time real A-JEPA training steps at the configured size (or an override) and relate their
+    model FLOP/s to the matmul peak measured in the same run (MFU).
+
+    The step is the pretraining loop's: target forward, context forward + predictor, loss,
+    backward, gradient clipping, fused AdamW, EMA update; bf16 autocast on CUDA, fp32 on CPU.
+    Block-mode and TF-mode steps are timed separately (their context sizes differ); the headline
+    figures mix the two in the proportion the configured masking mode draws over a run.
+    Inputs are random spectrograms: the step's cost does not depend on the values, and the
+    data loader runs in other processes during training.
+    """
+    from ajepa import flops
+    from ajepa.train.pretrain import build_model
+    from ajepa.train.schedules import param_groups
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    cuda = dev.type == "cuda"
+    n_threads = flops.configure_cpu_threads(threads) if not cuda else torch.get_num_threads()
+    busy = None if cuda else flops.cpu_busy_fraction(0.5)
+
+    cfg = params.pretrain
+    if encoder != "config":
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **SIZES[encoder]))
+    pred = {k: v for k, v in (("embed_dim", predictor_dim), ("depth", predictor_depth)) if v is not None}
+    if pred:
+        cfg = dataclasses.replace(cfg, predictor=dataclasses.replace(cfg.predictor, **pred))
+    patch = params.features.patch_size
+    length = target_length or params.dataset(cfg.dataset).target_length
+    if length % patch:
+        raise AjepaError(f"--target-length {length}: must be a multiple of features.patch_size ({patch})")
+    grid = (length // patch, params.features.num_mel_bins // patch)
+    batch = batch or cfg.optim.batch_size
+
+    torch.manual_seed(0)
+    model = build_model(cfg, grid, patch).to(dev)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay[0]), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), fused=True)
+    enc_cfg, pred_cfg, _ = flops.model_configs(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    clip = cfg.optim.grad_clip
+
+    def step_fn(m, o, x, ctx, tgt):
+        o.zero_grad(set_to_none=True)
+        with autocast:
+            loss = m(x, ctx, tgt)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+        o.step()
+        m.update_target(0.996)
+        return loss.detach()
+
+    peak = flops.matmul_peak_flops(dev, seconds=2.0)
+    x = torch.randn(batch, length, grid[1] * patch, device=dev)
+    per_mode = {}
+    for mode in ("block", "tf"):
+        gen = masks.MaskGenerator(grid, mode=mode, seed=cfg.seed, **_mask_kwargs(cfg))
+        drawn = [gen(batch, s) for s in range(warmup + steps)]
+        batches = [(x, mk.context.to(dev), mk.targets.to(dev)) for mk in drawn]
+        seconds = flops.measure_step(model, opt, lambda i: batches[i], steps=steps, warmup=warmup,
+                                     step_fn=step_fn, reduce="mean")
+        step_flops = sum(flops.ajepa_step_flops(enc_cfg, pred_cfg, grid, batch, mk.context.shape[1],
+                                                mk.targets.shape[1], mk.targets.shape[2])
+                         for mk in drawn[warmup:]) / steps
+        per_mode[mode] = {"seconds_per_step": seconds, "samples_per_s": batch / seconds,
+                          "model_flops_per_step": step_flops, "model_flops_per_s": step_flops / seconds,
+                          "mfu": step_flops / seconds / peak,
+                          "context_patches": sum(mk.context.shape[1] for mk in drawn[warmup:]) / steps}
+    p_tf = _expected_tf_fraction(cfg.masking.mode, cfg.masking.curriculum_c0)
+    mix = {k: p_tf * per_mode["tf"][k] + (1 - p_tf) * per_mode["block"][k]
+           for k in ("seconds_per_step", "model_flops_per_step")}
+    r = {
+        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({n_threads} threads)",
+        "dtype": "bf16 autocast" if cuda else "fp32",
+        "cpu_busy_before": None if busy is None else round(busy, 3),
+        "encoder": {k: enc_cfg[k] for k in ("embed_dim", "depth", "num_heads")},
+        "predictor": {"embed_dim": pred_cfg["predictor_dim"], "depth": pred_cfg["depth"],
+                      "num_heads": pred_cfg["num_heads"]},
+        "input": [length, grid[1] * patch], "grid": list(grid), "batch": batch, "steps": steps,
+        "masking_mode": cfg.masking.mode, "tf_fraction": round(p_tf, 3),
+        "peak_flops_per_s": peak,
+        "samples_per_s": batch / mix["seconds_per_step"],
+        "model_flops_per_s": mix["model_flops_per_step"] / mix["seconds_per_step"],
+        "modes": per_mode,
+    }
+    r["mfu"] = r["model_flops_per_s"] / peak
+    return r
+
+
+def _mask_kwargs(cfg) -> dict:
+    m = cfg.masking
+    return dict(num_targets=m.num_targets, target_scale=tuple(m.target_scale), target_aspect=tuple(m.target_aspect),
+                context_scale=tuple(m.context_scale), tf_num_targets=m.tf_num_targets, tf_scale=tuple(m.tf_scale),
+                min_keep=m.min_keep)
+
+
+def _format_pretrain(r: dict) -> str:
+    e, p = r["encoder"], r["predictor"]
+    lines = [f"bench pretrain: encoder {e['embed_dim']}/{e['depth']}/{e['num_heads']} (dim/depth/heads), predictor "
+             f"{p['embed_dim']}/{p['depth']}/{p['num_heads']}, input {r['input'][0]}x{r['input'][1]} "
+             f"({r['grid'][0]}x{r['grid'][1]} patches), batch {r['batch']}, {r['device']}, {r['dtype']}",
+             f"  matmul peak      : {r['peak_flops_per_s'] / 1e9:9.1f} GFLOP/s (measured now)"]
+    for mode, m in r["modes"].items():
+        lines.append(f"  {mode:5s} masks      : {m['seconds_per_step']:7.3f} s/step  {m['samples_per_s']:8.1f} samples/s  "
+                     f"{m['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {m['mfu']:.2f}  "
+                     f"({m['context_patches']:.0f} context patches)")
+    lines.append(f"  {r['masking_mode']} ({r['tf_fraction']:.0%} TF): {r['samples_per_s']:8.1f} samples/s  "
+                 f"{r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {r['mfu']:.2f}")
+    if r["cpu_busy_before"] is not None and r["cpu_busy_before"] > 0.1:
+        lines.append(f"  warning: the CPU was {r['cpu_busy_before']:.0%} busy before the run; another process "
+                     f"competes for the cores, so these figures understate a quiet machine")
+    return "\n".join(lines)
+
+
 def run(args) -> str:
+    if args.bench == "pretrain":
+        from ajepa.config import load_params
+        r = bench_pretrain(load_params(args.params), encoder=args.encoder, target_length=args.target_length,
+                           batch=args.batch, predictor_dim=args.predictor_dim, predictor_depth=args.predictor_depth,
+                           steps=args.steps, threads=args.threads, device=args.device)
+        return json.dumps(r) if args.json else _format_pretrain(r)
     if args.bench == "features":
         r = bench_features(args.clips, args.workers)
         if args.json:

@@ -32,6 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--clips", type=int, default=200, help="clips per measurement (default 200)")
     b.add_argument("--workers", type=int, default=0, help="processes for the parallel run (0 = one per core)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    b = bench.add_parser("pretrain", help="A-JEPA training steps: samples/s, model FLOP/s, matmul peak, MFU")
+    b.add_argument("--encoder", default="config", choices=["config", "tiny", "small", "base", "large"],
+                   help="encoder size (default: pretrain.encoder in params)")
+    b.add_argument("--target-length", type=int, default=None, metavar="FRAMES",
+                   help="input frames (default: the pretraining dataset's target_length; 1024 = AudioSet)")
+    b.add_argument("--batch", type=int, default=None, help="batch size (default: pretrain.optim.batch_size)")
+    b.add_argument("--predictor-dim", type=int, default=None, help="predictor width (default: params)")
+    b.add_argument("--predictor-depth", type=int, default=None, help="predictor depth (default: params)")
+    b.add_argument("--steps", type=int, default=8, help="timed steps per masking mode (default 8)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
@@ -39,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "bench":
-            from ajepa import bench
+            from ajepa import bench  # bench pretrain reads --params itself
             print(bench.run(args))
             return 0
         from ajepa.config import load_params

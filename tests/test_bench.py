@@ -1,0 +1,58 @@
+"""`ajepa bench`: the printed figures are computed from real timed work and are self-consistent."""
+
+import json
+
+import pytest
+import yaml
+
+from ajepa import bench
+from ajepa.cli import main
+from conftest import tiny_params
+
+
+@pytest.fixture()
+def tiny_params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    return path
+
+
+def test_bench_pretrain_json(tiny_params_file, capsys):
+    assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "2", "--batch", "4",
+                 "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"samples_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu"} <= r.keys()
+    assert r["grid"] == [6, 8] and r["batch"] == 4 and r["encoder"]["embed_dim"] == 32
+    assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["peak_flops_per_s"])
+    for mode, m in r["modes"].items():
+        assert m["samples_per_s"] == pytest.approx(4 / m["seconds_per_step"])
+        assert 0 < m["mfu"] < 1.5, mode  # a real ratio of measured rates, not a constant
+    # the headline mixes the two modes in the curriculum's proportion (about 2/3 TF)
+    assert r["tf_fraction"] == pytest.approx(2 / 3, abs=0.01)
+    lo, hi = sorted(m["samples_per_s"] for m in r["modes"].values())
+    assert lo <= r["samples_per_s"] <= hi
+    # TF masks (3 small strips) leave more context than block masks (4 blocks of 15-20%)
+    assert r["modes"]["tf"]["context_patches"] > r["modes"]["block"]["context_patches"]
+
+
+def test_bench_pretrain_overrides_and_text(tiny_params_file, capsys):
+    assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "1", "--batch", "2",
+                 "--encoder", "tiny", "--target-length", "32", "--predictor-dim", "16", "--predictor-depth", "1",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder 192/12/3" in out and "predictor 16/1/2" in out and "input 32x128 (2x8 patches)" in out
+    assert "MFU" in out and "GFLOP/s" in out
+
+
+def test_bench_pretrain_bad_length(tiny_params_file, capsys):
+    assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--target-length", "100"]) == 2
+    assert "--target-length 100" in capsys.readouterr().err
+
+
+def test_expected_tf_fraction():
+    assert bench._expected_tf_fraction("block", 0.01) == 0.0
+    assert bench._expected_tf_fraction("tf", 0.01) == 1.0
+    f = bench._expected_tf_fraction("curriculum", 0.01)
+    assert f == pytest.approx(2 / 3, abs=0.01)
+    assert bench._expected_tf_fraction("inverse", 0.01) == pytest.approx(1 - f)
+
