@@ -7,9 +7,11 @@ configfile: "params.yaml"
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/downstream.smk"
 
 
 rule all:
     input:
         expand("data/features/{dataset}", dataset=config["pipeline"]["datasets"]),
         "models/pretrain/encoder.safetensors",
+        "results/report.md",

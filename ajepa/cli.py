@@ -26,6 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
 
+    s = sub.add_parser("linear", help="frozen-encoder linear evaluation on a benchmark (plus baselines)")
+    s.add_argument("benchmark", help="benchmark name under `benchmarks` in params.yaml (e.g. synth)")
+
+    s = sub.add_parser("finetune", help="fine-tune the pretrained encoder on a benchmark (resumes)")
+    s.add_argument("benchmark")
+
+    s = sub.add_parser("report", help="results/report.md and results/summary.json from every stage's metrics")
+
     s = sub.add_parser("bench", help="measure throughput of a stage")
     bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
@@ -60,9 +68,18 @@ def main(argv: list[str] | None = None) -> int:
             from ajepa.stages import prepare as stage
         elif args.command == "features":
             from ajepa.stages import features as stage
+        elif args.command == "linear":
+            from ajepa.stages import linear as stage
+        elif args.command == "finetune":
+            from ajepa.stages import finetune as stage
         if args.command == "pretrain":
             from ajepa.stages import pretrain as stage
             summary = stage.run(params, stop_after=args.stop_after)
+        elif args.command == "report":
+            from ajepa.stages import report as stage
+            summary = stage.run(params)
+        elif args.command in ("linear", "finetune"):
+            summary = stage.run(params, args.benchmark)
         else:
             summary = stage.run(params, args.dataset)
         if summary:

@@ -187,8 +187,71 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Full fine-tuning of the pretrained encoder (AudioMAE recipe + A-JEPA's regularized masking)."""
+
+    epochs: int
+    batch_size: int
+    lr: float  # peak lr (absolute; AudioMAE writes it as blr * batch / 256)
+    final_lr: float
+    warmup_epochs: float
+    weight_decay: float  # not on norms, biases, positional tables
+    layer_decay: float  # layer-wise lr decay (AudioMAE 0.75): layer l of L gets lr * decay^(L + 1 - l)
+    drop_path: float
+    key_mask_ratio: float  # regularized masking (paper 0.1); 0 disables
+    specaug_time: int  # max frames of the one time mask per clip (AudioMAE timem); 0 disables
+    specaug_freq: int  # max mel bins of the one frequency mask per clip (freqm); 0 disables
+    mixup: float  # Beta(a, a) mixup; 0 disables
+    roll: bool  # random circular shift along time
+    loss: Literal["ce", "bce"]
+    balanced_sampling: bool  # class-balanced clip weights (multi-label sets, AudioMAE)
+    samples_per_epoch: int  # clips drawn per epoch; 0 = one pass over the training clips
+    random_init_baseline: bool  # also fine-tune the same architecture from random init
+    seed: int
+
+    def check(self, key: str) -> None:
+        _positive(self, key, "epochs", "batch_size", "lr")
+        for name in ("final_lr", "warmup_epochs", "weight_decay", "specaug_time", "specaug_freq", "mixup",
+                     "samples_per_epoch"):
+            if getattr(self, name) < 0:
+                _bad(f"{key}.{name}", getattr(self, name), "must be >= 0")
+        if not 0.0 < self.layer_decay <= 1.0:
+            _bad(key + ".layer_decay", self.layer_decay, "must be in (0, 1] (1 = no decay)")
+        for name in ("drop_path", "key_mask_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _bad(f"{key}.{name}", getattr(self, name), "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FinetuneRecipes:
+    """One fine-tuning recipe per benchmark. A benchmark is a dataset with labels: its clips come from
+    the feature store of the same name (AS-20K and AS-2M are two datasets for that reason)."""
+
+    synth: FinetuneConfig
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Frozen-encoder linear evaluation (EVAR-style): one linear layer on standardised embeddings."""
+
+    embed_batch_size: int  # clips per forward pass when embedding
+    batch_size: int
+    lr: float
+    weight_decay: float
+    max_epochs: int
+    patience: int  # epochs without a better validation score before stopping
+    seed: int
+
+    def check(self, key: str) -> None:
+        _positive(self, key, "embed_batch_size", "batch_size", "lr", "max_epochs", "patience")
+        if self.weight_decay < 0:
+            _bad(key + ".weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     datasets: list[str]  # datasets that prepare@ and features@ run for
+    benchmarks: list[str]  # labeled datasets that finetune@ and linear@ run for, in report order
 
 
 @dataclass(frozen=True)
@@ -197,9 +260,15 @@ class Params:
     datasets: DatasetsConfig
     features: FeaturesConfig
     pretrain: PretrainConfig
+    linear: LinearConfig
+    finetune: FinetuneRecipes
 
     def check(self, key: str) -> None:
         known = [f.name for f in dataclasses.fields(DatasetsConfig)]
+        benches = [f.name for f in dataclasses.fields(FinetuneRecipes)]
+        for name in self.pipeline.benchmarks:
+            if name not in benches:
+                _bad("pipeline.benchmarks", name, f"unknown benchmark (known: {', '.join(benches)})")
         if self.pretrain.dataset not in known:
             _bad("pretrain.dataset", self.pretrain.dataset, f"unknown dataset (known: {', '.join(known)})")
         for name in self.pipeline.datasets:
@@ -215,6 +284,13 @@ class Params:
         if name not in {f.name for f in dataclasses.fields(DatasetsConfig)}:
             raise ConfigError(f"unknown dataset {name!r} (known: {', '.join(f.name for f in dataclasses.fields(DatasetsConfig))})")
         return getattr(self.datasets, name)
+
+    def recipe(self, benchmark: str) -> FinetuneConfig:
+        """The fine-tuning recipe of a benchmark (whose clips are the dataset of the same name)."""
+        known = [f.name for f in dataclasses.fields(FinetuneRecipes)]
+        if benchmark not in known:
+            raise ConfigError(f"unknown benchmark {benchmark!r} (known: {', '.join(known)})")
+        return getattr(self.finetune, benchmark)
 
 
 # ---------------------------------------------------------------------------------------------

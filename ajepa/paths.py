@@ -31,3 +31,30 @@ def pretrain_state_dir() -> Path:
 
 def pretrain_results() -> Path:
     return Path("results") / "pretrain"
+
+
+def pretrained_encoder() -> Path:
+    """What pretraining exports and every downstream stage loads."""
+    return pretrain_dir() / "encoder.safetensors"
+
+
+def embeddings_dir(benchmark: str) -> Path:
+    """Cached frozen-encoder embeddings of the linear stage (persistent and uncached in dvc.yaml)."""
+    return DATA / "embeddings" / benchmark
+
+
+def linear_results(benchmark: str) -> Path:
+    return Path("results") / "linear" / benchmark
+
+
+def finetune_results(benchmark: str) -> Path:
+    return Path("results") / "finetune" / benchmark
+
+
+def finetune_state_dir(benchmark: str) -> Path:
+    """Resumable fine-tuning state, one checkpoint per run (persistent and uncached in dvc.yaml)."""
+    return Path("models") / "finetune_state" / benchmark
+
+
+def report_dir() -> Path:
+    return Path("results")

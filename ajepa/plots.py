@@ -1,4 +1,4 @@
-"""Pictures a researcher looks at: masks over real spectrograms (more plots join with the report)."""
+"""Pictures a researcher looks at: masks over real spectrograms, confusion matrices, the report's plots."""
 
 from __future__ import annotations
 
@@ -42,7 +42,94 @@ def plot_masks(spectrograms: torch.Tensor, examples: dict[str, Masks], grid: tup
             if r == len(examples) - 1:
                 ax.set_xlabel("time frames")
     fig.suptitle("A-JEPA masks: clear = context, tinted = target blocks, grey = unused", fontsize=10)
+    _save(fig, path)
+
+
+def _save(fig, path: Path, dpi: int = 90) -> None:
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
+
+
+def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """Counts, rows = true class, columns = predicted class; the diagonal is what was right."""
+    n = len(classes)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(conf, cmap="Blues")
+    if n <= 40:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+        for i in range(n):
+            for j in range(n):
+                if conf[i, j]:
+                    ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if conf[i, j] > conf.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = np.trace(conf) / max(conf.sum(), 1) * 100
+    ax.set_title(f"{title}\naccuracy {acc:.1f}% over {int(conf.sum())} clips", fontsize=9)
+    _save(fig, path)
+
+
+def _read_tsv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    rows = [ln.split("\t") for ln in path.read_text().splitlines()]
+    head, body = rows[0], rows[1:]
+    step = head.index("step")
+    value = head.index(path.stem) if path.stem in head else len(head) - 1  # DVCLive names it after the metric
+    return (np.array([float(r[step]) for r in body]), np.array([float(r[value]) for r in body]))
+
+
+def plot_pretrain_curves(curves_dir: Path, path: Path) -> None:
+    """The DVCLive training curves (loss, lr, EMA momentum, TF fraction) on one page."""
+    names = [n for n in ("loss", "lr", "ema_momentum", "tf_fraction") if (curves_dir / f"{n}.tsv").exists()]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.6 * max(len(names), 1), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        x, y = _read_tsv(curves_dir / f"{name}.tsv")
+        ax.plot(x, y, lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_title(name.replace("_", " "), fontsize=9)
+        if name == "loss":
+            ax.set_yscale("log")
+    fig.suptitle("A-JEPA pretraining", fontsize=10)
+    _save(fig, path)
+
+
+def plot_benchmark_bars(bench: str, rows: dict, metric: str, paper: dict[str, float], path: Path) -> None:
+    """This run's methods (with fold std as error bars) and the paper's fine-tuned numbers."""
+    labels, values, errs, colours = [], [], [], []
+    for method, r in rows.items():
+        labels.append(method.replace("_", " "))
+        values.append(r[metric])
+        errs.append(r.get("std", 0.0))
+        colours.append("tab:blue" if method in ("linear", "finetune") else "tab:gray")
+    for model, v in paper.items():
+        labels.append(f"{model} (paper)" if "paper" not in model else model)
+        values.append(v)
+        errs.append(0.0)
+        colours.append("tab:orange")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(labels) + 1.5), 3.4))
+    ax.bar(range(len(values)), values, yerr=errs, color=colours, capsize=3)
+    ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{bench}: this run (blue: A-JEPA, grey: baselines), paper (orange)", fontsize=9)
+    _save(fig, path)
+
+
+def plot_per_class(classes: list[str], per_run_ap: list[list], path: Path, title: str) -> None:
+    """Average precision per class (mean over runs; classes without a test positive left out), sorted."""
+    ap = np.array([[np.nan if v is None else v for v in run] for run in per_run_ap], dtype=float)
+    mean = np.nanmean(ap, axis=0) if np.isfinite(ap).any() else np.full(len(classes), np.nan)
+    order = [k for k in np.argsort(-np.nan_to_num(mean, nan=-1.0)) if np.isfinite(mean[k])]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.12 * len(order) + 2), 3.4))
+    ax.bar(range(len(order)), mean[order], color="tab:blue", width=0.9)
+    if len(order) <= 40:
+        ax.set_xticks(range(len(order)), [classes[k] for k in order], rotation=90, fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(order)} classes, best to worst")
+    ax.set_ylabel("AP (%)")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -30,6 +30,8 @@ def tiny_params() -> dict:
     p["pretrain"]["predictor"].update(embed_dim=32, depth=1, num_heads=2)
     p["pretrain"]["optim"].update(epochs=2, batch_size=8)
     p["pretrain"].update(checkpoint_every=2, log_every=1, num_workers=0)
+    p["linear"].update(max_epochs=20, patience=5)
+    p["finetune"]["synth"].update(epochs=2, batch_size=8)
     return p
 
 

@@ -77,8 +77,9 @@ def run_hash(cfg: PretrainConfig, store: FeatureStore, world_size: int) -> str:
                         "clips": len(store), "world_size": world_size})
 
 
-def _prune_live(live_dir: Path, start_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+def prune_live(live_dir: Path, start_step: int) -> None:
+    """Drop DVCLive rows with step >= start_step (logged after the checkpoint we resume from: they
+    will be logged again)."""
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
         lines = tsv.read_text().splitlines()
         if not lines:
@@ -148,7 +149,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore, paths: PretrainPaths, dis
     live = None
     if dist.is_main:
         if start_step:
-            _prune_live(paths.live, start_step)
+            prune_live(paths.live, start_step)
         live = Live(str(paths.live), dvcyaml=False, save_dvc_exp=False, resume=start_step > 0, report=None)
 
     def save(step: int) -> None:

@@ -1,0 +1,1 @@
+"""Downstream evaluation: fine-tuning, linear probes and their metrics."""

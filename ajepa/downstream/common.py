@@ -1,0 +1,51 @@
+"""What the linear and fine-tuning stages share: loading the encoder, summarising runs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ajepa.models import SpectrogramEncoder
+from ajepa.train.checkpoint import load_encoder_state
+
+__all__ = ["build_encoder", "file_sha256", "summarize", "ENCODER_KEYS"]
+
+ENCODER_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def build_encoder(path: Path, grid: tuple[int, int], random_init: bool = False, seed: int = 0,
+                  drop_path: float | None = None) -> SpectrogramEncoder:
+    """The pretrained encoder from `path` on this benchmark's grid, or (random_init) the same
+    architecture with fresh weights drawn from `seed`: the baseline that tells what pretraining adds.
+
+    The position embedding is a fixed function of the grid (not stored), so an encoder pretrained on
+    one clip length loads on another."""
+    state, config = load_encoder_state(path)
+    kwargs = {k: config[k] for k in ENCODER_KEYS}
+    kwargs["drop_path"] = config["drop_path"] if drop_path is None else drop_path
+    torch.manual_seed(seed)
+    encoder = SpectrogramEncoder(tuple(grid), **kwargs)
+    if not random_init:
+        encoder.load_state_dict(state)
+    return encoder
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def summarize(runs: list[dict], metric: str) -> dict:
+    """{metric: mean, "std": population std over the runs (folds), "runs": [...]}, rounded for reading."""
+    scores = np.array([r[metric] for r in runs], dtype=float)
+    out = {metric: round(float(scores.mean()), 2)}
+    if len(scores) > 1:
+        out["std"] = round(float(scores.std()), 2)
+    out["runs"] = runs
+    return out

@@ -1,0 +1,103 @@
+"""`ajepa finetune BENCH`: fine-tune the pretrained encoder (and, as a baseline, the same architecture
+from random init) on every run of the benchmark's protocol; resumable run by run, epoch by epoch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pandas as pd
+import torch
+
+from ajepa import paths
+from ajepa.atomic import write_csv, write_json
+from ajepa.config import Params
+from ajepa.downstream.common import build_encoder, file_sha256, summarize
+from ajepa.downstream.finetune import finetune_run, result_dict
+from ajepa.downstream.protocols import load_task
+from ajepa.errors import AjepaError
+from ajepa.train.checkpoint import config_hash
+
+INITS = {"pretrained": "finetune", "random_init": "finetune_random_init"}
+
+
+def run(params: Params, benchmark: str) -> str:
+    cfg = params.recipe(benchmark)
+    encoder_path = paths.pretrained_encoder()
+    if not encoder_path.exists():
+        raise AjepaError(f"{encoder_path}: no pretrained encoder (run `ajepa pretrain` first)")
+    task = load_task(benchmark, paths.features_dir(benchmark))
+    if cfg.loss == "ce" and task.multi_label:
+        raise AjepaError(f"params.yaml: finetune.{benchmark}.loss = ce: {benchmark} is multi-label; use bce")
+    grid = tuple(task.store.stats["grid"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state_dir, out = paths.finetune_state_dir(benchmark), paths.finetune_results(benchmark)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    base_hash = {"finetune": asdict(cfg), "encoder": file_sha256(encoder_path),
+                 "features": {k: task.store.stats[k] for k in ("mean", "std", "accepted", "grid")},
+                 "clips": len(task.index), "device": device.type}
+
+    inits = ["pretrained"] + (["random_init"] if cfg.random_init_baseline else [])
+    results: dict[str, list] = {i: [] for i in inits}
+    for init in inits:
+        for split in task.splits:
+            name = f"{init}-{split.name}"
+            run_hash = config_hash({**base_hash, "run": name})
+            done = state_dir / f"{name}.json"
+            if done.exists() and json.loads(done.read_text()).get("run_hash") == run_hash:
+                results[init].append(json.loads(done.read_text()))
+                continue
+            encoder = build_encoder(encoder_path, grid, random_init=init == "random_init", seed=cfg.seed,
+                                    drop_path=cfg.drop_path)
+            r = finetune_run(task, split, encoder, cfg, name, device, state_dir / f"{name}.pt", run_hash,
+                             live_dir=out / "live" / name)
+            record = {"run_hash": run_hash, **result_dict(r)}
+            write_json(done, record)
+            (state_dir / f"{name}.pt").unlink(missing_ok=True)  # the record is the finished run
+            results[init].append(record)
+
+    m = task.metric
+    rows = {}
+    for init, records in results.items():
+        runs = [{"split": r["name"].split("-", 1)[1], m: round(float(r["test"][m]), 2), "best_epoch": r["best_epoch"],
+                 f"val_{m}": round(float(r["val_score"]), 2), "seconds": round(r["seconds"], 1)} for r in records]
+        rows[INITS[init]] = summarize(runs, m)
+    write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": m,
+                                      "classes": len(task.classes), **rows})
+    write_csv(out / "predictions.csv", _predictions(task, results))
+    from ajepa.plots import plot_confusion, plot_per_class
+    if task.multi_label:
+        ap = [r["test"].get("per_class_ap") for r in results["pretrained"]]
+        plot_per_class(task.classes, ap, out / "plots" / "per_class_ap.png",
+                       title=f"{benchmark}: fine-tuned A-JEPA, average precision per class")
+    else:
+        conf = sum(_confusion(task, r) for r in results["pretrained"])
+        plot_confusion(conf, task.classes, out / "plots" / "confusion.png",
+                       title=f"{benchmark}: fine-tuned A-JEPA, test clips of every run")
+    lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(task.splits)} run(s) per init, "
+             f"{len(task.classes)} classes"]
+    for name, r in rows.items():
+        std = f" +- {r['std']:.2f}" if "std" in r else ""
+        lines.append(f"  {name:22s} {m} {r[m]:6.2f}{std}")
+    lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}")
+    return "\n".join(lines)
+
+
+def _predictions(task, results: dict[str, list]) -> pd.DataFrame:
+    rows = []
+    for init, records in results.items():
+        for r in records:
+            for pos, scores in zip(r["test_positions"], r["test_scores"]):
+                top = sorted(range(len(scores)), key=lambda k: -scores[k])
+                rows.append({"clip_id": task.index["clip_id"].iloc[pos], "run": r["name"], "init": init,
+                             "labels": task.index["labels"].iloc[pos], "predicted": task.classes[top[0]],
+                             "score": round(scores[top[0]], 5)})
+    return pd.DataFrame(rows)
+
+
+def _confusion(task, record: dict):
+    import numpy as np
+    conf = np.zeros((len(task.classes), len(task.classes)), dtype=np.int64)
+    for pos, scores in zip(record["test_positions"], record["test_scores"]):
+        conf[int(task.y[pos]), int(np.argmax(scores))] += 1
+    return conf
