@@ -16,6 +16,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ajepa.data.download import Checksum
+from ajepa.data.registry import REGISTRY
 from ajepa.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
@@ -52,8 +54,59 @@ class SynthDataset:
 
 
 @dataclass(frozen=True)
+class FetchConfig:
+    """Where a published dataset comes from (ajepa.data.sources; URLs and checksums in ajepa.data.registry)."""
+
+    source: str | None  # a local archive or directory (downloads or extracted copies); null = download
+    mirror: str | None  # base URL serving the registry's files under their own names; null = official URLs
+    checksums: dict[str, str]  # file name -> 'sha256:HEX' or 'md5:HEX': replaces or adds to the registry's
+
+    def check(self, key: str) -> None:
+        if self.source is not None and not self.source:
+            _bad(key + ".source", self.source, "must be a path, or null to download")
+        if self.mirror is not None and not self.mirror.startswith(("http://", "https://")):
+            _bad(key + ".mirror", self.mirror, "must be an http:// or https:// URL, or null for the official URLs")
+        for name, value in self.checksums.items():
+            try:
+                Checksum.parse(value)
+            except ValueError:
+                _bad(f"{key}.checksums.{name}", value, "must be 'sha256:<64 hex digits>' or 'md5:<32 hex digits>'")
+
+
+@dataclass(frozen=True)
+class AudioSetFetchConfig(FetchConfig):
+    """AudioSet: the CSVs as above; the audio from a directory of clips named by YTID (not distributed)."""
+
+    audio_dir: str | None  # clips named YTID.*, YTID_start_end.*, or Y + YTID.*, in any sub-folder
+    val_fraction: float  # training segments held out as `val` (by a hash of the YTID); AudioSet has no val split
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if not 0.0 < self.val_fraction < 1.0:
+            _bad(key + ".val_fraction", self.val_fraction, "must be in (0, 1): the protocol needs a validation split")
+
+
+@dataclass(frozen=True)
+class FetchedDataset:
+    prepare: FetchConfig
+    target_length: int  # frames after pad/crop
+
+
+@dataclass(frozen=True)
+class AudioSetDataset:
+    prepare: AudioSetFetchConfig
+    target_length: int
+
+
+@dataclass(frozen=True)
 class DatasetsConfig:
     synth: SynthDataset
+    esc50: FetchedDataset
+    spc2: FetchedDataset
+    spc1: FetchedDataset
+    as20k: AudioSetDataset
+    as2m: AudioSetDataset
+    vox1: FetchedDataset  # VoxCeleb1 speaker identification
 
 
 @dataclass(frozen=True)
@@ -167,7 +220,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class PretrainConfig:
     dataset: str  # a feature store under data/features/
-    splits: list[str]  # manifest splits used for pretraining
+    splits: list[Literal["train", "val", "test", "pretrain"]]  # manifest splits used for pretraining
     seed: int
     encoder: EncoderConfig
     predictor: PredictorConfig
@@ -228,6 +281,12 @@ class FinetuneRecipes:
     the feature store of the same name (AS-20K and AS-2M are two datasets for that reason)."""
 
     synth: FinetuneConfig
+    esc50: FinetuneConfig
+    spc2: FinetuneConfig
+    spc1: FinetuneConfig
+    as20k: FinetuneConfig
+    as2m: FinetuneConfig
+    vox1: FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -279,6 +338,11 @@ class Params:
             if length <= 0 or length % self.features.patch_size:
                 _bad(f"datasets.{name}.target_length", length,
                      f"must be a positive multiple of features.patch_size ({self.features.patch_size})")
+            prepare = getattr(self.datasets, name).prepare
+            for file_name in getattr(prepare, "checksums", {}):
+                if file_name not in REGISTRY[name].file_names:
+                    _bad(f"datasets.{name}.prepare.checksums.{file_name}", prepare.checksums[file_name],
+                         f"not a file of {name} (its files: {', '.join(REGISTRY[name].file_names)})")
 
     def dataset(self, name: str):
         if name not in {f.name for f in dataclasses.fields(DatasetsConfig)}:

@@ -12,6 +12,12 @@ def raw_dir(dataset: str) -> Path:
     return DATA / "raw" / dataset
 
 
+def downloads_dir() -> Path:
+    """Downloaded archives, shared by the datasets (AS-20K and AS-2M share CSVs). Not a stage output:
+    it survives reruns, so an interrupted download resumes and a rerun does not download again."""
+    return DATA / "downloads"
+
+
 def manifest_dir() -> Path:
     return DATA / "manifests"
 

@@ -113,3 +113,57 @@ def test_pretrain_scale_above_one():
 
 def test_pretrain_dataset_must_exist():
     assert "pretrain.dataset = 'audioset'" in _error(lambda r: r["pretrain"].update(dataset="audioset"))
+
+
+PUBLISHED = ["esc50", "spc2", "spc1", "as20k", "as2m", "vox1"]
+
+
+def test_published_datasets_match_the_registry():
+    from ajepa.data.registry import REGISTRY
+    p = load_params(REPO / "params.yaml")
+    for name in PUBLISHED:
+        ds = p.dataset(name)
+        assert ds.target_length == REGISTRY[name].target_length  # DESIGN.md: 512 / 128 / 1024
+        assert ds.prepare.source is None and ds.prepare.mirror is None and ds.prepare.checksums == {}
+        p.recipe(name)  # every benchmark has a fine-tuning recipe
+    assert p.finetune.as2m.samples_per_epoch == 200_000 and p.finetune.as2m.balanced_sampling
+
+
+def test_every_benchmark_may_be_listed():
+    raw = load_repo_params()
+    raw["pipeline"].update(datasets=["synth", *PUBLISHED], benchmarks=PUBLISHED)
+    assert parse_params(raw).pipeline.benchmarks == PUBLISHED
+
+
+def test_checksum_format():
+    msg = _error(lambda r: r["datasets"]["spc2"]["prepare"]["checksums"].update(
+        {"speech_commands_v0.02.tar.gz": "af14739e"}))
+    assert "datasets.spc2.prepare.checksums.speech_commands_v0.02.tar.gz = 'af14739e'" in msg and "sha256:" in msg
+
+
+def test_checksum_for_an_unknown_file():
+    msg = _error(lambda r: r["datasets"]["vox1"]["prepare"]["checksums"].update({"vox1_dev.zip": "md5:" + "0" * 32}))
+    assert "datasets.vox1.prepare.checksums.vox1_dev.zip" in msg and "vox1_dev_wav_partaa" in msg
+
+
+def test_mirror_must_be_http():
+    msg = _error(lambda r: r["datasets"]["esc50"]["prepare"].update(mirror="ftp://example.org/esc"))
+    assert "datasets.esc50.prepare.mirror = 'ftp://example.org/esc'" in msg
+
+
+def test_audioset_val_fraction_range():
+    assert "datasets.as2m.prepare.val_fraction = 0.0" in _error(
+        lambda r: r["datasets"]["as2m"]["prepare"].update(val_fraction=0.0))
+
+
+def test_audioset_keys_are_required():
+    assert "datasets.as20k.prepare.audio_dir is missing" in _error(
+        lambda r: r["datasets"]["as20k"]["prepare"].pop("audio_dir"))
+
+
+def test_pretrain_splits_must_be_known():
+    msg = _error(lambda r: r["pretrain"].update(dataset="as2m", splits=["train", "unbalanced"]))
+    assert "pretrain.splits[1] = 'unbalanced'" in msg and "'pretrain'" in msg
+    raw = load_repo_params()
+    raw["pretrain"].update(dataset="as2m", splits=["train", "val"])
+    assert parse_params(raw).pretrain.splits == ["train", "val"]

@@ -3,20 +3,28 @@
 Columns
     clip_id      unique within the dataset
     path         audio file, relative to the working directory (the repository root)
-    labels       class names joined by ';' (empty for unlabeled clips)
+    labels       class names joined by LABEL_SEPARATOR ';' (several for multi-label sets such as
+                 AudioSet; empty for unlabeled clips)
     fold         1..K for fold-protocol datasets (ESC-50 style cross-validation), 0 otherwise
     split        train | val | test | pretrain (unlabeled pretraining pool)
     duration_s   from the file header
     sample_rate  from the file header
 The sidecar (`DATASET.json`) holds what a table cannot: the ordered class list, the protocol, the
 source and its checksum, and counts, so two copies of a dataset can be compared.
+
+`DATASET.missing.csv` lists every clip that the dataset's own listing names (a metadata CSV, a split
+list, AudioSet's segment CSVs) but that is not in the copy at hand, with where it was listed and why
+it is missing; the sidecar counts them. It is written for every dataset, empty when nothing is
+missing, so a copy with holes is never mistaken for a complete one.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import soundfile as sf
 
@@ -24,13 +32,41 @@ from ajepa.atomic import write_csv, write_json
 from ajepa.errors import AjepaError
 
 COLUMNS = ["clip_id", "path", "labels", "fold", "split", "duration_s", "sample_rate"]
+MISSING_COLUMNS = ["clip_id", "split", "listed_in", "reason"]
+LABEL_SEPARATOR = ";"
 SPLITS = ("train", "val", "test", "pretrain")
 # splits whose clips feed the normalisation statistics: the labeled training data and the unlabeled pool
 STATS_SPLITS = ("train", "pretrain")
 
 
+@dataclass
+class Built:
+    """What a dataset recipe finds: manifest rows (without the header columns `add_audio_info` adds),
+    the ordered classes, the listed-but-missing clips and dataset-specific sidecar entries."""
+
+    rows: pd.DataFrame
+    classes: list[str]
+    missing: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MISSING_COLUMNS))
+    meta: dict = field(default_factory=dict)
+
+
 def manifest_paths(root: Path, name: str) -> tuple[Path, Path]:
     return root / f"{name}.csv", root / f"{name}.json"
+
+
+def missing_path(root: Path, name: str) -> Path:
+    return root / f"{name}.missing.csv"
+
+
+def split_present(rows: pd.DataFrame, listed_in) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows whose file exists, missing-table rows for the others). `listed_in` names the listing
+    the rows come from: one name for all rows, or a sequence aligned with `rows`."""
+    exists = np.array([Path(p).is_file() for p in rows["path"]], dtype=bool)
+    gone = rows[~exists]
+    listed = listed_in if isinstance(listed_in, str) else np.asarray(listed_in, dtype=object)[~exists]
+    missing = pd.DataFrame({"clip_id": gone["clip_id"].to_numpy(), "split": gone["split"].to_numpy(),
+                            "listed_in": listed, "reason": "file not found"}, columns=MISSING_COLUMNS)
+    return rows[exists].reset_index(drop=True), missing
 
 
 def audio_info(path: Path) -> tuple[float, int]:
@@ -57,6 +93,8 @@ def esc50_layout(root: Path, meta_csv: str = "meta/esc50.csv", audio_dir: str = 
     if missing:
         raise AjepaError(f"{meta_path}: missing columns {sorted(missing)}")
     classes = meta.drop_duplicates("target").sort_values("target")["category"].tolist()
+    if meta["fold"].isna().any() or meta["target"].isna().any():
+        raise AjepaError(f"{meta_path}: empty fold or target values")
     rows = pd.DataFrame({
         "clip_id": meta["filename"].str.replace(r"\.wav$", "", regex=True),
         "path": [str(root / audio_dir / f) for f in meta["filename"]],
@@ -87,8 +125,11 @@ def add_audio_info(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[COLUMNS]
 
 
-def write_manifest(root: Path, name: str, rows: pd.DataFrame, meta: dict) -> tuple[Path, Path]:
+def write_manifest(root: Path, name: str, rows: pd.DataFrame, meta: dict,
+                   missing: pd.DataFrame | None = None) -> tuple[Path, Path]:
+    """Write DATASET.csv, DATASET.json and DATASET.missing.csv (header only when nothing is missing)."""
     rows = rows[COLUMNS]
+    missing = pd.DataFrame(columns=MISSING_COLUMNS) if missing is None else missing[MISSING_COLUMNS]
     if rows["clip_id"].duplicated().any():
         dup = rows.loc[rows["clip_id"].duplicated(), "clip_id"].iloc[0]
         raise AjepaError(f"manifest {name}: duplicate clip_id {dup!r}")
@@ -97,8 +138,9 @@ def write_manifest(root: Path, name: str, rows: pd.DataFrame, meta: dict) -> tup
         raise AjepaError(f"manifest {name}: unknown split(s) {sorted(bad)} (known: {', '.join(SPLITS)})")
     counts = {s: int((rows["split"] == s).sum()) for s in SPLITS}
     meta = {"name": name, "clips": len(rows), "splits": counts,
-            "hours": round(float(rows["duration_s"].sum()) / 3600, 4), **meta}
+            "hours": round(float(rows["duration_s"].sum()) / 3600, 4), "missing": len(missing), **meta}
     csv_path, json_path = manifest_paths(root, name)
+    write_csv(missing_path(root, name), missing)
     write_csv(csv_path, rows)
     write_json(json_path, meta)
     return csv_path, json_path
