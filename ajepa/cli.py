@@ -17,7 +17,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
 
     s = sub.add_parser("prepare", help="generate or fetch a dataset and write its manifest")
-    s.add_argument("dataset", help="dataset name under `datasets` in params.yaml (e.g. synth)")
+    s.add_argument("dataset", help="dataset name under `datasets` in params.yaml: synth, esc50, spc2, spc1, "
+                                   "as20k, as2m, vox1")
+    s.add_argument("--source", metavar="PATH", default=None,
+                   help="a local archive, or a directory of downloaded files or extracted copies, instead of "
+                        "downloading (overrides datasets.DATASET.prepare.source)")
 
     s = sub.add_parser("features", help="log-mel fbank features into memory-mapped shards")
     s.add_argument("dataset")
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = stage.run(params)
         elif args.command in ("linear", "finetune"):
             summary = stage.run(params, args.benchmark)
+        elif args.command == "prepare":
+            summary = stage.run(params, args.dataset, source=args.source)
         else:
             summary = stage.run(params, args.dataset)
         if summary:

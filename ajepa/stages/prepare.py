@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from pathlib import Path
 
 import pandas as pd
 
 from ajepa import paths
-from ajepa.atomic import atomic_path
-from ajepa.config import Params
-from ajepa.data import synth
-from ajepa.data.manifest import add_audio_info, esc50_layout, unlabeled_rows, write_manifest
+from ajepa.atomic import atomic_path, write_json
+from ajepa.config import AudioSetFetchConfig, Params
+from ajepa.data import audioset, esc50, speech_commands, synth, voxceleb
+from ajepa.data.manifest import SPLITS, add_audio_info, esc50_layout, missing_path, unlabeled_rows, write_manifest
+from ajepa.data.registry import REGISTRY
+from ajepa.data.sources import listing_fingerprint, obtain
 from ajepa.errors import AjepaError
 from ajepa.progress import progress
 
+# one recipe per published dataset: (located parts, raw work dir, prepare config) -> manifest rows
+RECIPES = {
+    "esc50": esc50.build,
+    "spc2": speech_commands.build_spc2,
+    "spc1": speech_commands.build_spc1,
+    "as20k": functools.partial(audioset.build, name="as20k"),
+    "as2m": functools.partial(audioset.build, name="as2m"),
+    "vox1": voxceleb.build,
+}
 
-def run(params: Params, dataset: str) -> str:
+
+def run(params: Params, dataset: str, source: str | None = None) -> str:
     params.dataset(dataset)  # one-line error for an unknown name
     if dataset == "synth":
+        if source is not None:
+            raise AjepaError("prepare synth: the embedded dataset is generated; --source does not apply")
         return prepare_synth(params)
-    raise AjepaError(f"prepare: no preparation recipe for {dataset!r} yet")
+    return prepare_published(params, dataset, source)
 
 
 def prepare_synth(params: Params) -> str:
@@ -42,3 +58,49 @@ def prepare_synth(params: Params) -> str:
             f"{cfg.clips_per_class}, {cfg.num_folds} folds) and {len(pool)} unlabeled pool clips of "
             f"{cfg.duration_s:g} s at {cfg.sample_rate} Hz into {root}/ in {time.perf_counter() - t0:.1f} s; "
             f"manifest {csv_path}.")
+
+
+def prepare_published(params: Params, dataset: str, source: str | None = None) -> str:
+    """Fetch (or take `source`, else params' source), verify, extract and list a published dataset."""
+    t0 = time.perf_counter()
+    cfg = params.dataset(dataset).prepare
+    info = REGISTRY[dataset]
+    source = source if source is not None else cfg.source
+    if isinstance(cfg, AudioSetFetchConfig):
+        audioset.audio_dir_of(cfg, dataset)
+    raw = paths.raw_dir(dataset)
+    with atomic_path(raw) as tmp:
+        tmp.mkdir()
+        located = obtain(info, tmp, paths.downloads_dir(), source, cfg.mirror, cfg.checksums)
+        built = RECIPES[dataset](located, tmp, cfg)
+        origin = {"source": source if source is not None else (cfg.mirror or "official URLs"),
+                  "files": located.records,
+                  "in_place": {part: listing_fingerprint(root, [p for p in built.rows["path"]
+                                                                if Path(p).is_relative_to(root)])
+                               for part, root in located.in_place.items()}}
+        write_json(tmp / "source.json", origin)
+        rows = built.rows.assign(path=[str(raw / Path(p).relative_to(tmp)) if Path(p).is_relative_to(tmp) else p
+                                       for p in built.rows["path"]])
+    rows = add_audio_info(rows)
+    counts = _compare_with_published(info.expected, rows, built)
+    csv_path, _ = write_manifest(paths.manifest_dir(), dataset, rows, {
+        "classes": built.classes, "protocol": info.protocol, "title": info.title, "licence": info.licence,
+        **origin, "published_counts": counts, **built.meta}, built.missing)
+
+    splits = ", ".join(f"{s} {n}" for s in SPLITS if (n := int((rows["split"] == s).sum())))
+    checked = sum(1 for r in located.records if r["verified"])
+    differs = {k: v for k, v in counts.items() if v["here"] != v["published"]}
+    note = ("; differs from the published counts: " + ", ".join(f"{k} {v['here']} (published {v['published']})"
+                                                              for k, v in differs.items())) if differs else ""
+    return (f"prepare {dataset}: {len(rows)} clips ({splits}), {len(built.classes)} classes; {len(built.missing)} "
+            f"listed but missing ({missing_path(paths.manifest_dir(), dataset)}){note}; {len(located.records)} "
+            f"file(s) used, {checked} verified against a published or configured checksum, sha256 of each "
+            f"recorded; {time.perf_counter() - t0:.1f} s; manifest {csv_path}.")
+
+
+def _compare_with_published(expected: dict[str, int], rows: pd.DataFrame, built) -> dict:
+    """Published counts next to this copy's (clips listed, present or missing), for the sidecar."""
+    listed = pd.concat([rows["split"], built.missing["split"]], ignore_index=True)
+    here = {"clips": len(listed), "classes": len(built.classes),
+            **{s: int((listed == s).sum()) for s in SPLITS}}
+    return {k: {"published": v, "here": here[k]} for k, v in expected.items()}
