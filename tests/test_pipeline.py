@@ -69,3 +69,19 @@ def test_dvc_pretrain_outputs(dvc_copy):
     assert (root / "results/pretrain/masks.png").read_bytes()[:4] == b"\x89PNG"
     shown = run(["dvc", "metrics", "show"], root).stdout
     assert "final_loss" in shown
+
+
+def test_published_datasets_become_stages_in_both_orchestrators(tmp_path):
+    published = ["esc50", "spc2", "spc1", "as20k", "as2m", "vox1"]
+    params = tiny_params()
+    params["pipeline"]["datasets"] = ["synth", *published]
+    root = make_project_copy(tmp_path / "copy", params)
+    stages = run(["dvc", "stage", "list", "--name-only"], root).stdout.split()
+    status = run(["dvc", "status", *(f"prepare@{d}" for d in published)], root).stdout
+    targets = [f"data/features/{d}" for d in published]
+    dry = run(["snakemake", "--dry-run", "--cores", "1", *targets], root).stdout
+    for d in published:
+        assert f"prepare@{d}" in stages and f"features@{d}" in stages
+        assert f"prepare@{d}" in status  # its params (datasets.{d}.prepare) resolve
+        assert f"dataset={d}" in dry
+    assert "prepare@synth" in stages

@@ -10,12 +10,21 @@ wildcard_constraints:
 rule prepare:
     input:
         "ajepa/stages/prepare.py",
-        "ajepa/data/synth.py",
         "ajepa/data/manifest.py",
+        "ajepa/data/registry.py",
+        "ajepa/data/sources.py",
+        "ajepa/data/download.py",
+        "ajepa/data/archive.py",
+        "ajepa/data/synth.py",
+        "ajepa/data/esc50.py",
+        "ajepa/data/speech_commands.py",
+        "ajepa/data/audioset.py",
+        "ajepa/data/voxceleb.py",
     output:
         directory("data/raw/{dataset}"),
         "data/manifests/{dataset}.csv",
         "data/manifests/{dataset}.json",
+        "data/manifests/{dataset}.missing.csv",
     params:
         settings=lambda w: config["datasets"][w.dataset]["prepare"],
     log:
@@ -32,6 +41,7 @@ rule features:
         "ajepa/stages/features.py",
         "ajepa/data/frontend.py",
         "ajepa/data/store.py",
+        "ajepa/data/registry.py",
     output:
         directory("data/features/{dataset}"),
     params:
