@@ -116,7 +116,12 @@ def test_esc50_folds_from_the_meta_csv(served, project, capsys):
 def test_spc2_lists_decide_val_and_test(served, project, capsys):
     expected = mini.spc2(served.root)
     write_params("spc2", mirror=served.url, checksums=checksums(served, expected["files"]))
+    # an earlier run was killed mid-download: this one resumes it
+    archive = (served.root / "speech_commands_v0.02.tar.gz").read_bytes()
+    Path("data/downloads").mkdir(parents=True)
+    Path("data/downloads/speech_commands_v0.02.tar.gz.part").write_bytes(archive[:1000])
     rows, meta, missing, store = prepare_and_features(capsys, "spc2")
+    assert served.requests == [("speech_commands_v0.02.tar.gz", "bytes=1000-", 206)]
     assert as_table(rows) == expected["clips"]  # _background_noise_ is not a word
     assert meta["classes"] == mini.SPC2_WORDS and missing.empty
     assert meta["files"][0]["verified"] == checksums(served, expected["files"])["speech_commands_v0.02.tar.gz"]

@@ -62,13 +62,6 @@ class DatasetInfo:
     size: str = ""  # download size, for people
     expected: dict[str, int] = field(default_factory=dict)  # published counts: clips, train, val, test, classes
 
-    def file(self, name: str) -> RemoteFile:
-        for part in self.parts:
-            for f in part.files:
-                if f.name == name:
-                    return f
-        raise KeyError(name)
-
     @property
     def file_names(self) -> list[str]:
         return [f.name for part in self.parts for f in part.files]
