@@ -1,4 +1,5 @@
-"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`. The only argument parser."""
+"""The `ajepa` command: one subcommand per pipeline stage, plus `bench` and `preset`. The only
+argument parser."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="results/report.md and results/summary.json from every stage's metrics")
 
+    s = sub.add_parser("preset", help="merge a preset (presets/NAME.yaml) into params.yaml, listing what changed")
+    s.add_argument("name", help="preset name (smoke, paper) or path to a preset .yaml file")
+    s.add_argument("--dry-run", action="store_true", help="list the changes without writing params.yaml")
+
     s = sub.add_parser("bench", help="measure throughput of a stage")
     bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from ajepa import bench  # bench pretrain reads --params itself
             print(bench.run(args))
+            return 0
+        if args.command == "preset":
+            from ajepa import presets
+            changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
+            print(presets.describe(args.name, args.params, changes, args.dry_run))
             return 0
         from ajepa.config import load_params
         params = load_params(args.params)
