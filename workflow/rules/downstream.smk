@@ -1,5 +1,6 @@
 # Downstream evaluation per benchmark, and the report. As with pretraining, the resumable state
-# (models/finetune_state/, data/embeddings/) is not declared: Snakemake would delete it before a job.
+# (models/finetune_state/, data/embeddings/, results/finetune/*/live/) is not declared: Snakemake
+# would delete it before a job. The downstream stages use one GPU (cuda:0) when they have one.
 BENCHMARKS = config["pipeline"]["benchmarks"]
 DOWNSTREAM_CODE = ["ajepa/downstream/protocols.py", "ajepa/downstream/common.py", "ajepa/downstream/metrics.py",
                    "ajepa/downstream/linear.py"]
@@ -20,8 +21,14 @@ rule linear:
     params:
         settings=config["linear"],
     threads: workflow.cores
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
     log:
         "logs/linear/{bench}.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa linear {wildcards.bench} 2> {log}"
 
@@ -41,8 +48,14 @@ rule finetune:
     params:
         settings=lambda w: config["finetune"][w.bench],
     threads: workflow.cores
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
     log:
         "logs/finetune/{bench}.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa finetune {wildcards.bench} 2> {log}"
 
@@ -63,7 +76,12 @@ rule report:
         benchmarks=BENCHMARKS,
         pretrain={k: config["pretrain"][k] for k in ("dataset", "splits", "encoder", "predictor")},
         masking=config["pretrain"]["masking"]["mode"],
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         "logs/report.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa report 2> {log}"
