@@ -1,11 +1,12 @@
 """`ajepa dag --check`: dvc.yaml and the Snakefile describe the same pipeline."""
 
+import ast
 import re
 
 import pytest
 
-from ajepa.dag import Pipeline, Stage, _edges, compare, normalise_command, persistent_outputs
-from conftest import load_repo_params, make_project_copy, run
+from ajepa.dag import Pipeline, Stage, _edges, compare, normalise_command, persistent_outputs, resolve_dvc_yaml
+from conftest import REPO, load_repo_params, make_project_copy, run
 
 
 def test_command_normalisation():
@@ -113,3 +114,67 @@ def test_dag_refuses_what_it_cannot_resolve(project, tmp_path):
     assert "linear@synth" in run(["dvc", "stage", "list", "--name-only"], altered).stdout  # valid for DVC
     r = run(["ajepa", "dag", "--check"], altered, check=False)
     assert r.returncode == 2 and "`matrix` is not resolved" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# Modules that decide how parameters are read, where and how files are written and how progress
+# is shown, not what a stage computes: depending on them would rerun the whole pipeline on any edit.
+INFRASTRUCTURE = {"ajepa/config.py", "ajepa/errors.py", "ajepa/atomic.py", "ajepa/paths.py", "ajepa/progress.py"}
+
+
+# Imported but not run by the stage: the feature store imports manifest.STATS_SPLITS for extraction
+# (features@ depends on it); reading a store never uses it.
+NOT_READ = {stage: {"ajepa/data/manifest.py"} for stage in ("pretrain", "linear", "finetune")}
+
+
+def _package_marker(path) -> bool:
+    """An __init__.py holding only a docstring (and a version string)."""
+    body = ast.parse(path.read_text()).body
+    return path.name == "__init__.py" and all(isinstance(n, (ast.Expr, ast.Assign)) for n in body)
+
+
+def _module_file(name: str):
+    path = REPO.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _imports(path) -> set:
+    """Files of the ajepa modules `path` imports (absolute and relative, at any depth in the file)."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {f for n in names if n.startswith("ajepa") and (f := _module_file(n)) is not None}
+    return found
+
+
+def _closure(path) -> set[str]:
+    seen, todo = set(), [path]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo += _imports(p)
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+# prepare and features: their deps belong to the datasets branch (issue 5); add them here once it is merged.
+@pytest.mark.parametrize("stage", ["pretrain", "linear@synth", "finetune@synth", "report"])
+def test_stage_code_deps_cover_what_the_stage_imports(stage):
+    """Editing any module a stage runs reruns that stage (dvc.yaml deps; the parity check extends this
+    to the Snakefile)."""
+    deps = resolve_dvc_yaml(REPO)[stage].deps
+    used = _closure(REPO / "ajepa" / "stages" / f"{stage.split('@')[0]}.py")
+    missing = sorted(m for m in used - INFRASTRUCTURE - NOT_READ.get(stage.split("@")[0], set())
+                     if not _package_marker(REPO / m) and not any(m == d or m.startswith(d + "/") for d in deps))
+    assert not missing, f"{stage} imports {missing} but does not depend on them"

@@ -2,8 +2,10 @@
 # (models/finetune_state/, data/embeddings/, results/finetune/*/live/) is not declared: Snakemake
 # would delete it before a job. The downstream stages use one GPU (cuda:0) when they have one.
 BENCHMARKS = config["pipeline"]["benchmarks"]
-DOWNSTREAM_CODE = ["ajepa/downstream/protocols.py", "ajepa/downstream/common.py", "ajepa/downstream/metrics.py",
-                   "ajepa/downstream/linear.py"]
+# what both downstream stages run besides their own stage module (dvc.yaml lists the same files)
+DOWNSTREAM_CODE = ["ajepa/downstream/linear.py", "ajepa/downstream/protocols.py", "ajepa/downstream/common.py",
+                   "ajepa/downstream/metrics.py", "ajepa/data/loader.py", "ajepa/data/store.py",
+                   "ajepa/data/frontend.py", "ajepa/masks.py", "ajepa/models", "ajepa/train/checkpoint.py"]
 
 
 wildcard_constraints:
@@ -40,7 +42,10 @@ rule finetune:
         "ajepa/stages/finetune.py",
         "ajepa/downstream/finetune.py",
         DOWNSTREAM_CODE,
-        "ajepa/models",
+        "ajepa/train/schedules.py",
+        "ajepa/train/distributed.py",
+        "ajepa/train/pretrain.py",
+        "ajepa/plots.py",
     output:
         "results/finetune/{bench}/metrics.json",
         "results/finetune/{bench}/predictions.csv",
@@ -67,6 +72,7 @@ rule report:
         expand("results/finetune/{bench}/metrics.json", bench=BENCHMARKS),
         "ajepa/stages/report.py",
         "ajepa/plots.py",
+        "ajepa/masks.py",
         "ajepa/data/registry.py",
     output:
         "results/report.md",

@@ -13,8 +13,11 @@ rule pretrain:
         "ajepa/train/checkpoint.py",
         "ajepa/train/distributed.py",
         "ajepa/data/loader.py",
+        "ajepa/data/store.py",
+        "ajepa/data/frontend.py",
         "ajepa/masks.py",
         "ajepa/models",
+        "ajepa/plots.py",
     output:
         "models/pretrain/encoder.safetensors",
         "results/pretrain/masks.png",
