@@ -31,7 +31,7 @@ def dvc_copy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def snakemake_copy(tmp_path_factory):
-    root = make_project_copy(tmp_path_factory.mktemp("smk"), tiny_params(), git=False)
+    root = make_project_copy(tmp_path_factory.mktemp("smk"), tiny_params())
     r = run(["snakemake", "--cores", "2"], root)
     return root, r
 
@@ -185,3 +185,10 @@ def test_snakemake_lint_is_clean(snakemake_copy):
     root, _ = snakemake_copy
     r = run(["snakemake", "--lint"], root)  # exits 1 on any lint
     assert "Congratulations, your workflow is in a good condition!" in r.stdout + r.stderr
+
+
+def test_dvc_commit_adopts_a_snakemake_run(snakemake_copy):
+    """What the README says to run after Snakemake: DVC then sees the pipeline as up to date."""
+    root, _ = snakemake_copy
+    run(["dvc", "commit", "--force"], root)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], root).stdout
