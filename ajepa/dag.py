@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from ajepa import paths
+from ajepa.config import read_yaml
 from ajepa.errors import AjepaError
 
 TARGET_RULES = {"all"}  # Snakemake rules that only name the final targets: not pipeline stages
@@ -134,7 +135,7 @@ def resolve_dvc_yaml(root: Path) -> dict[str, Stage]:
     """The stages of root/dvc.yaml with `foreach` and `${...}` resolved against root/params.yaml."""
     try:
         spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-        params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        params = read_yaml((root / "params.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise AjepaError(f"{root}: cannot read dvc.yaml and params.yaml: {' '.join(str(e).split())}") from None
     if "vars" in spec:
@@ -345,7 +346,7 @@ def check(root: str | Path = ".") -> tuple[Pipeline, list[str]]:
     root = Path(root)
     dvc = dvc_pipeline(root)
     smk = snakemake_pipeline(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = read_yaml((root / "params.yaml").read_text())
     return dvc, compare(dvc, smk, list(params["pipeline"]["benchmarks"]))
 
 
