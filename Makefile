@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # dvc.yaml and the Snakefile call `ajepa`, `dvc` and `snakemake` by name: put the venv first
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test snakemake clean
+.PHONY: install run test snakemake check clean
 
 # Reinstall when the dependency list changes; the stamp keeps `make test` fast otherwise.
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +24,11 @@ test: install
 
 snakemake: install
 	snakemake --cores all
+
+# dvc.yaml and the Snakefile describe the same pipeline, and the Snakefile lints clean (the tests run both)
+check: install
+	ajepa dag --check
+	snakemake --lint
 
 clean:
 	rm -rf data logs results models dvclive .snakemake

@@ -5,6 +5,7 @@
 configfile: "params.yaml"
 
 
+include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/downstream.smk"

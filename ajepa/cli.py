@@ -1,4 +1,5 @@
-"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`. The only argument parser."""
+"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`, `preset` and `dag`. The only
+argument parser."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="results/report.md and results/summary.json from every stage's metrics")
 
+    s = sub.add_parser("preset", help="merge a preset (presets/NAME.yaml) into params.yaml, listing what changed")
+    s.add_argument("name", help="preset name (smoke, paper) or path to a preset .yaml file")
+    s.add_argument("--dry-run", action="store_true", help="list the changes without writing params.yaml")
+
+    s = sub.add_parser("dag", help="the pipeline's stages, commands and edges; --check compares dvc.yaml with "
+                                   "the Snakefile (run in the repository root)")
+    s.add_argument("--check", action="store_true",
+                   help="fail (exit 1) unless dvc.yaml and the Snakefile have the same stages, commands, "
+                        "edges, outputs and source inputs")
+
     s = sub.add_parser("bench", help="measure throughput of a stage")
     bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
@@ -66,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             from ajepa import bench  # bench pretrain reads --params itself
             print(bench.run(args))
             return 0
+        if args.command == "preset":
+            from ajepa import presets
+            changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
+            print(presets.describe(args.name, args.params, changes, args.dry_run))
+            return 0
+        if args.command == "dag":
+            return _dag(args.check)
         from ajepa.config import load_params
         params = load_params(args.params)
         if args.command == "prepare":
@@ -97,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ajepa {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _dag(check: bool) -> int:
+    from ajepa import dag
+    pipeline, diffs = dag.check(".")
+    if not check:
+        print(dag.describe(pipeline))
+    if diffs:
+        print(f"ajepa dag: dvc.yaml and the Snakefile differ in {len(diffs)} place(s):", file=sys.stderr)
+        print("\n".join(f"  {d}" for d in diffs), file=sys.stderr)
+        return 1 if check else 0
+    if check:
+        print(f"dag: dvc.yaml and the Snakefile agree: {len(pipeline.stages)} stages, {len(pipeline.edges)} edges, "
+              f"the same commands, outputs and source inputs.")
+    return 0
 
 
 if __name__ == "__main__":

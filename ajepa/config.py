@@ -8,6 +8,7 @@ type or an impossible value raises ConfigError with one line naming the key and 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -361,10 +362,24 @@ class Params:
 # loading
 
 
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-06` (no dot) is a string; DVC writes floats that way
+    (`dvc exp run -S pretrain.optim.final_lr=1e-6`), so params.yaml is read with YAML 1.2 floats."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse params.yaml text (YAML 1.2 floats, see _Yaml12Floats)."""
+    return yaml.load(text, Loader=_Yaml12Floats)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (run from the repository root or pass --params)") from None
     except yaml.YAMLError as e:

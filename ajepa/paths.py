@@ -1,6 +1,7 @@
 """Where each stage reads and writes, relative to the repository root.
 
-dvc.yaml and the Snakemake rules name the same paths; `ajepa dag --check` (later) compares them.
+dvc.yaml and the Snakemake rules name the same paths; `ajepa dag --check` compares them, and its
+allow-list of DVC-only persistent outputs is built from the functions here.
 """
 
 from pathlib import Path

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ajepa.presets import load_preset, merge
+
 REPO = Path(__file__).resolve().parent.parent
 # The files a working copy of the project needs (what a clone has, minus tests and data).
-PROJECT_FILES = ["ajepa", "workflow", "Snakefile", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-                 ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["ajepa", "workflow", "presets", "Snakefile", "dvc.yaml", "params.yaml", "pyproject.toml",
+                 ".dvc/config", ".dvcignore", ".gitignore"]
 
 # subprocesses (ajepa, dvc, snakemake) must come from the same environment as the tests
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
@@ -21,17 +23,9 @@ def load_repo_params() -> dict:
 
 
 def tiny_params() -> dict:
-    """The repository's params.yaml shrunk to a seconds-long run."""
+    """The repository's params.yaml with the smoke preset (presets/smoke.yaml): a seconds-long run."""
     p = load_repo_params()
-    p["datasets"]["synth"]["prepare"].update(pool_clips=24, clips_per_class=5, duration_s=1.0)
-    p["datasets"]["synth"]["target_length"] = 96
-    p["features"].update(shard_clips=32, num_workers=2)
-    p["pretrain"]["encoder"].update(embed_dim=32, depth=2, num_heads=2)
-    p["pretrain"]["predictor"].update(embed_dim=32, depth=1, num_heads=2)
-    p["pretrain"]["optim"].update(epochs=2, batch_size=8)
-    p["pretrain"].update(checkpoint_every=2, log_every=1, num_workers=0)
-    p["linear"].update(max_epochs=20, patience=5)
-    p["finetune"]["synth"].update(epochs=2, batch_size=8)
+    merge(p, load_preset(REPO / "presets" / "smoke.yaml"))
     return p
 
 

@@ -1,12 +1,21 @@
-"""The orchestrators end to end on a tiny configuration, each in its own temporary copy of the project."""
+"""The orchestrators end to end on the smoke preset, each in its own temporary copy of the project.
 
+One `dvc repro`, one `snakemake --cores 2` and one `dvc exp run` serve every test here (module
+fixtures); the tests that look at the DVC copy leave its workspace as they found it."""
+
+import csv
+import io
 import json
 import math
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+from ajepa.dag import normalise_command, parse_dry_run
 from conftest import make_project_copy, run, tiny_params
 
 
@@ -14,12 +23,15 @@ from conftest import make_project_copy, run, tiny_params
 def dvc_copy(tmp_path_factory):
     root = make_project_copy(tmp_path_factory.mktemp("dvc"), tiny_params())
     r = run(["dvc", "repro"], root)
+    # the baseline commit holds dvc.lock and the metrics, as a user commits a finished run
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "smoke run"], root)
     return root, r
 
 
 @pytest.fixture(scope="module")
 def snakemake_copy(tmp_path_factory):
-    root = make_project_copy(tmp_path_factory.mktemp("smk"), tiny_params(), git=False)
+    root = make_project_copy(tmp_path_factory.mktemp("smk"), tiny_params())
     r = run(["snakemake", "--cores", "2"], root)
     return root, r
 
@@ -32,33 +44,29 @@ def test_dvc_repro_produces_features(dvc_copy):
     assert stats["accepted"] == len(manifest) and stats["rejected"] == 0
     assert stats["grid"] == [6, 8] and stats["target_length"] == 96
     assert "features synth: 84 of 84 clips" in r.stdout  # the stage summary
-    # the pipeline is up to date afterwards: nothing reruns
+    # the pipeline is up to date afterwards, and git holds everything but DVC's data
     assert "Data and pipelines are up to date" in run(["dvc", "status"], root).stdout
+    assert run(["git", "status", "--porcelain"], root).stdout == ""
 
 
-def test_changing_target_length_reruns_features_only(dvc_copy):
-    root, _ = dvc_copy
+def _set_params(root: Path, change) -> None:
     params = tiny_params()
-    params["datasets"]["synth"]["target_length"] = 112
+    change(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_each_stage_reruns_only_for_its_own_params(dvc_copy):
+    root, _ = dvc_copy
     try:
+        _set_params(root, lambda p: p["datasets"]["synth"].update(target_length=112))
         status = run(["dvc", "status"], root).stdout
         assert "features@synth" in status and "prepare@synth" not in status
+        # one benchmark's fine-tuning recipe: that benchmark's fine-tuning only (the report follows its outputs)
+        _set_params(root, lambda p: p["finetune"]["synth"].update(epochs=3))
+        stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
+        assert stages == {"finetune@synth"}
     finally:
-        (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-
-
-def test_snakemake_produces_the_same_features(dvc_copy, snakemake_copy):
-    dvc_root, smk_root = dvc_copy[0], snakemake_copy[0]
-    a, b = dvc_root / "data/features/synth", smk_root / "data/features/synth"
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir() if p.name != ".snakemake_timestamp")
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert (dvc_root / "data/manifests/synth.csv").read_bytes() == (smk_root / "data/manifests/synth.csv").read_bytes()
-    # pretraining is deterministic too: the same encoder weights from either orchestrator
-    encoder = "models/pretrain/encoder.safetensors"
-    assert (dvc_root / encoder).read_bytes() == (smk_root / encoder).read_bytes()
+        run(["git", "checkout", "params.yaml"], root)
 
 
 def test_dvc_pretrain_outputs(dvc_copy):
@@ -85,3 +93,118 @@ def test_published_datasets_become_stages_in_both_orchestrators(tmp_path):
         assert f"prepare@{d}" in status  # its params (datasets.{d}.prepare) resolve
         assert f"dataset={d}" in dry
     assert "prepare@synth" in stages
+
+
+def test_dvc_exp_run_compares_masking_modes(dvc_copy):
+    """`dvc exp run -S` reruns what the changed key feeds, and `dvc exp show` puts both runs side by side."""
+    root, _ = dvc_copy
+    r = run(["dvc", "exp", "run", "--temp", "-n", "block-masks", "-S", "pretrain.masking.mode=block"], root)
+    out = r.stdout + r.stderr
+    assert "Stage 'features@synth' didn't change, skipping" in out and "Running stage 'pretrain'" in out
+    rows = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], root).stdout)))
+    baseline = next(row for row in rows if row["typ"] == "baseline" and row["rev"] != "workspace")
+    experiment = next(row for row in rows if row["Experiment"] == "block-masks")
+    assert (baseline["pretrain.masking.mode"], experiment["pretrain.masking.mode"]) == ("curriculum", "block")
+    for key in ("final_loss", "synth.linear.accuracy", "synth.finetune.accuracy"):
+        assert re.fullmatch(r"[\d.]+", baseline[key]) and re.fullmatch(r"[\d.]+", experiment[key]), key
+    assert baseline["final_loss"] != experiment["final_loss"]
+    assert float(experiment["tf_fraction"]) == 0.0 < float(baseline["tf_fraction"])
+    # --temp ran it beside the workspace, which still holds the baseline
+    assert run(["git", "status", "--porcelain"], root).stdout == ""
+
+
+# Files whose contents depend on the clock or on unseeded global state, and what is compared instead.
+TIMING_KEYS = {"seconds", "samples_per_s"}
+
+
+def _without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def _comparable(path: Path):
+    if path.suffix == ".json":
+        return _without_timing(json.loads(path.read_text()))
+    if path.name == "report.md":
+        return re.sub(r"[\d.]+ samples/s", "N samples/s", path.read_text())
+    if path.name == "samples_per_s.tsv":
+        return [line.split("\t")[0] for line in path.read_text().splitlines()]  # the steps, not the speeds
+    if path.name == "checkpoint.pt":
+        # everything but the process's Python and NumPy generators, which nothing seeds or draws from
+        state = torch.load(path, weights_only=False)
+        return {k: v for k, v in state.items() if k != "rng"}, [{k: v for k, v in r.items() if k not in ("python", "numpy")}
+                                                                 for r in state["rng"]]
+    return path.read_bytes()
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _output_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for d in ("data", "models", "results") for p in (root / d).rglob("*")
+            if p.is_file() and p.name != ".snakemake_timestamp"}
+
+
+def test_snakemake_produces_the_same_outputs_as_dvc(dvc_copy, snakemake_copy):
+    dvc_root, smk_root = dvc_copy[0], snakemake_copy[0]
+    files = _output_files(dvc_root)
+    assert files == _output_files(smk_root)
+    assert {"models/pretrain/encoder.safetensors", "results/report.md", "results/summary.json",
+            "results/finetune/synth/predictions.csv", "data/features/synth/index.csv"} <= files
+    for name in sorted(files):
+        a, b = _comparable(dvc_root / name), _comparable(smk_root / name)
+        assert _equal(a, b), name
+    # and Snakemake finds nothing left to do
+    assert "Nothing to be done" in run(["snakemake", "--cores", "2", "--dry-run"], smk_root).stdout
+
+
+def test_slurm_profile_submits_pretraining_to_several_gpus_under_torchrun(snakemake_copy):
+    root, _ = snakemake_copy
+    out = run(["snakemake", "--profile", "workflow/profiles/slurm", "--dry-run", "--forceall"], root).stdout
+    jobs = {j["rule"]: j for j in parse_dry_run(out)}
+    resources = {rule: dict(kv.split("=", 1) for kv in j["resources"].split(", ")) for rule, j in jobs.items()}
+    pretrain = resources["pretrain"]
+    assert (pretrain["gpu"], pretrain["cpus_per_task"]) == ("8", "64")
+    assert int(pretrain["mem_mb"]) > 0 and int(pretrain["runtime"]) > 0
+    assert resources["finetune"]["gpu"] == resources["linear"]["gpu"] == "1"
+    shell = jobs["pretrain"]["shell"]
+    assert shell.startswith("torchrun --standalone --nproc_per_node 8 --no-python ajepa pretrain")
+    assert normalise_command(shell, [jobs["pretrain"]["log"]]) == ["ajepa", "pretrain"]  # dvc.yaml's command
+    # the sbatch line the plugin builds from these resources
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    job = SimpleNamespace(resources=Resources({k: int(v) for k, v in pretrain.items() if v.isdigit()}), threads=1,
+                          name="pretrain", wildcards={})
+    sbatch = get_submit_command(job, dict(run_uuid="u", slurm_logfile="l", comment_str="rule_pretrain", account="",
+                                          partition="", workdir=str(root))) + set_gres_string(job)
+    assert "--gpus=8" in sbatch and "--cpus-per-task=64" in sbatch
+    assert f"--mem {pretrain['mem_mb']}" in sbatch and f"-t {pretrain['runtime']}" in sbatch
+
+
+def test_snakemake_lint_is_clean(snakemake_copy):
+    root, _ = snakemake_copy
+    r = run(["snakemake", "--lint"], root)  # exits 1 on any lint
+    assert "Congratulations, your workflow is in a good condition!" in r.stdout + r.stderr
+
+
+def test_dvc_commit_adopts_a_snakemake_run(snakemake_copy):
+    """What the README says to run after Snakemake: DVC then sees the pipeline as up to date."""
+    root, _ = snakemake_copy
+    run(["dvc", "commit", "--force"], root)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], root).stdout

@@ -27,8 +27,13 @@ rule prepare:
         "data/manifests/{dataset}.missing.csv",
     params:
         settings=lambda w: config["datasets"][w.dataset]["prepare"],
+    resources:
+        mem_mb=4000,
+        runtime=60,
     log:
         "logs/prepare/{dataset}.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa prepare {wildcards.dataset} 2> {log}"
 
@@ -48,7 +53,12 @@ rule features:
         target_length=lambda w: config["datasets"][w.dataset]["target_length"],
         frontend={k: config["features"][k] for k in FEATURE_KEYS},
     threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=60,
     log:
         "logs/features/{dataset}.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa features {wildcards.dataset} 2> {log}"

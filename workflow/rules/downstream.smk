@@ -1,8 +1,11 @@
 # Downstream evaluation per benchmark, and the report. As with pretraining, the resumable state
-# (models/finetune_state/, data/embeddings/) is not declared: Snakemake would delete it before a job.
+# (models/finetune_state/, data/embeddings/, results/finetune/*/live/) is not declared: Snakemake
+# would delete it before a job. The downstream stages use one GPU (cuda:0) when they have one.
 BENCHMARKS = config["pipeline"]["benchmarks"]
-DOWNSTREAM_CODE = ["ajepa/downstream/protocols.py", "ajepa/downstream/common.py", "ajepa/downstream/metrics.py",
-                   "ajepa/downstream/linear.py"]
+# what both downstream stages run besides their own stage module (dvc.yaml lists the same files)
+DOWNSTREAM_CODE = ["ajepa/downstream/linear.py", "ajepa/downstream/protocols.py", "ajepa/downstream/common.py",
+                   "ajepa/downstream/metrics.py", "ajepa/data/loader.py", "ajepa/data/store.py",
+                   "ajepa/data/frontend.py", "ajepa/masks.py", "ajepa/models", "ajepa/train/checkpoint.py"]
 
 
 wildcard_constraints:
@@ -20,8 +23,14 @@ rule linear:
     params:
         settings=config["linear"],
     threads: workflow.cores
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
     log:
         "logs/linear/{bench}.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa linear {wildcards.bench} 2> {log}"
 
@@ -33,7 +42,10 @@ rule finetune:
         "ajepa/stages/finetune.py",
         "ajepa/downstream/finetune.py",
         DOWNSTREAM_CODE,
-        "ajepa/models",
+        "ajepa/train/schedules.py",
+        "ajepa/train/distributed.py",
+        "ajepa/train/pretrain.py",
+        "ajepa/plots.py",
     output:
         "results/finetune/{bench}/metrics.json",
         "results/finetune/{bench}/predictions.csv",
@@ -41,8 +53,14 @@ rule finetune:
     params:
         settings=lambda w: config["finetune"][w.bench],
     threads: workflow.cores
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
     log:
         "logs/finetune/{bench}.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa finetune {wildcards.bench} 2> {log}"
 
@@ -54,6 +72,7 @@ rule report:
         expand("results/finetune/{bench}/metrics.json", bench=BENCHMARKS),
         "ajepa/stages/report.py",
         "ajepa/plots.py",
+        "ajepa/masks.py",
         "ajepa/data/registry.py",
     output:
         "results/report.md",
@@ -63,7 +82,12 @@ rule report:
         benchmarks=BENCHMARKS,
         pretrain={k: config["pretrain"][k] for k in ("dataset", "splits", "encoder", "predictor")},
         masking=config["pretrain"]["masking"]["mode"],
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         "logs/report.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
         "ajepa report 2> {log}"

@@ -1,5 +1,7 @@
-# models/pretrain_state/ (the resumable checkpoint) is deliberately not an output: Snakemake deletes
-# declared outputs before a job, which would throw away the state an interrupted run resumes from.
+# models/pretrain_state/ (the resumable checkpoint) and results/pretrain/live/ (curves that a resumed
+# run appends to) are deliberately not outputs: Snakemake deletes declared outputs before a job, which
+# would throw away what an interrupted run resumes from. dvc.yaml declares them `persist: true`, and
+# `ajepa dag --check` holds both files to that list.
 
 
 rule pretrain:
@@ -11,16 +13,26 @@ rule pretrain:
         "ajepa/train/checkpoint.py",
         "ajepa/train/distributed.py",
         "ajepa/data/loader.py",
+        "ajepa/data/store.py",
+        "ajepa/data/frontend.py",
         "ajepa/masks.py",
         "ajepa/models",
+        "ajepa/plots.py",
     output:
         "models/pretrain/encoder.safetensors",
         "results/pretrain/masks.png",
         "results/pretrain/metrics.json",
     params:
         settings=config["pretrain"],
+        launcher=torchrun_launcher,
     threads: workflow.cores
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
     log:
         "logs/pretrain.log",
+    conda:
+        "../envs/ajepa.yaml"
     shell:
-        "ajepa pretrain 2> {log}"
+        "{params.launcher}ajepa pretrain 2> {log}"

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Snakemake runs this inside the new environment, from the workflow's working directory (the
+# repository root): install the project with the dependencies pinned in pyproject.toml.
+set -euo pipefail
+python -m pip install --quiet --editable .
