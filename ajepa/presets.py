@@ -129,6 +129,9 @@ def _round_trip() -> YAML:
     rt.preserve_quotes = True
     rt.width = 4096  # never re-wrap a long line
     rt.representer.add_representer(float, _represent_float)
+    # ruamel writes None as an empty value; params.yaml spells it `null`, and a diff should not
+    # show every unset source changing
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     return rt
 
 

@@ -115,9 +115,6 @@ def test_paper_preset_is_the_paper_setup():
     assert params["pipeline"]["datasets"] == six and params["pipeline"]["benchmarks"] == six
 
 
-# LEAD: enable after merging the datasets branch (issue 5), which adds datasets.{as2m,...} and
-# finetune.{as2m,...}: until then config validation rejects the paper preset's dataset names.
-@pytest.mark.skip(reason="enable after merging the datasets branch: paper preset validates against params.yaml")
 def test_paper_preset_validates_against_params_yaml():
     params = load_repo_params()
     merge(params, load_preset(REPO / "presets" / "paper.yaml"))

@@ -46,6 +46,7 @@ rule features:
         "ajepa/stages/features.py",
         "ajepa/data/frontend.py",
         "ajepa/data/store.py",
+        "ajepa/data/manifest.py",
         "ajepa/data/registry.py",
     output:
         directory("data/features/{dataset}"),
