@@ -39,6 +39,7 @@ class SynthConfig:
     duration_s: float
     sample_rate: int
     snr_db: list[float]  # background-noise SNR range [low, high]
+    gain_db: list[float]  # overall clip level range [low, high] (a nuisance: it says nothing of the class)
 
     def check(self, key: str) -> None:
         _positive(self, key, "pool_clips", "clips_per_class", "num_folds", "duration_s", "sample_rate")
@@ -46,6 +47,8 @@ class SynthConfig:
             _bad(key + ".clips_per_class", self.clips_per_class, f"must be at least num_folds ({self.num_folds})")
         if len(self.snr_db) != 2 or self.snr_db[0] > self.snr_db[1]:
             _bad(key + ".snr_db", self.snr_db, "must be [low, high] with low <= high")
+        if len(self.gain_db) != 2 or self.gain_db[0] > self.gain_db[1] or self.gain_db[1] > 0:
+            _bad(key + ".gain_db", self.gain_db, "must be [low, high] with low <= high <= 0 (no clipping)")
 
 
 @dataclass(frozen=True)

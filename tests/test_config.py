@@ -74,6 +74,11 @@ def test_snr_range_order():
     assert "snr_db" in _error(lambda r: r["datasets"]["synth"]["prepare"].update(snr_db=[30.0, 5.0]))
 
 
+def test_gain_range_must_not_clip():
+    err = _error(lambda r: r["datasets"]["synth"]["prepare"].update(gain_db=[-6.0, 3.0]))
+    assert "datasets.synth.prepare.gain_db = [-6.0, 3.0]" in err and "no clipping" in err
+
+
 def test_cli_reports_one_line_and_exit_code(tmp_path, capsys):
     raw = load_repo_params()
     raw["features"]["frame_shift_ms"] = 0

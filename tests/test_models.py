@@ -222,3 +222,17 @@ def test_few_steps_reduce_loss():
         m.update_target(0.996)
         losses.append(loss.item())
     assert losses[-1] < 0.85 * losses[0]
+
+
+def test_effective_rank_tells_collapse_from_spread():
+    from ajepa.models import effective_rank
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4096, 16, generator=g)
+    assert 15.0 < effective_rank(spread) <= 16.0
+    direction = torch.randn(16, generator=g)
+    collapsed = torch.randn(4096, 1, generator=g) * direction + 1e-4 * torch.randn(4096, 16, generator=g)
+    assert effective_rank(collapsed) < 1.01
+    # two equal directions: rank 2, whatever their scale and the tensor's leading shape
+    two = torch.zeros(64, 32, 16)
+    two[..., 0], two[..., 1] = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    assert effective_rank(3.0 * two) == pytest.approx(2.0, abs=0.05)

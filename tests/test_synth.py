@@ -63,3 +63,15 @@ def test_mirror_pairs_are_time_reversals_in_distribution():
 
     rise, fall, clicks = (mean_spectrum(c) for c in ("rising_glide", "falling_glide", "slow_clicks"))
     assert np.abs(rise - fall).mean() < 0.25 * np.abs(rise - clicks).mean()
+
+
+def test_gain_range_sets_the_clip_level():
+    import dataclasses
+    peaks = {}
+    for name, gain in (("fixed", (0.0, 0.0)), ("varied", (-12.0, 0.0))):
+        spec = dataclasses.replace(SPEC, gain_db=gain)
+        peaks[name] = np.array([np.abs(synth.clip(spec, synth.LABELED, i, c)).max()
+                                for i, c in enumerate(synth.CLASSES)])
+    assert np.allclose(peaks["fixed"], 0.7, atol=1e-6)  # peak-normalised to 0.7, then the gain
+    assert peaks["varied"].min() >= 0.7 * 10 ** (-12 / 20) - 1e-6 and peaks["varied"].max() <= 0.7 + 1e-6
+    assert peaks["varied"].std() > 0.01

@@ -46,6 +46,7 @@ class SynthSpec:
     duration_s: float
     sample_rate: int
     snr_db: tuple[float, float]
+    gain_db: tuple[float, float] = (-12.0, 0.0)  # overall level of the clip
 
 
 def _harmonic(rng, f_inst: np.ndarray, sr: int) -> np.ndarray:
@@ -169,7 +170,7 @@ def clip(spec: SynthSpec, split: int, index: int, category: str) -> np.ndarray:
     # SNR against the event's own RMS (over its span), so short and long events are equally audible
     noise *= 10 ** (-snr_db / 20) / (np.sqrt(np.mean(noise**2)) + 1e-9)
     out += noise
-    gain = 10 ** (rng.uniform(-12, 0) / 20)
+    gain = 10 ** (rng.uniform(*spec.gain_db) / 20)
     return (0.7 * gain * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
 
 

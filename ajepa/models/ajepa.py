@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .vit import Predictor, SpectrogramEncoder, gather_tokens, resolve_size
 
-__all__ = ["AJEPA"]
+__all__ = ["AJEPA", "effective_rank"]
 
 
 class AJEPA(nn.Module):
@@ -21,6 +21,7 @@ class AJEPA(nn.Module):
         if loss not in ("l2", "smooth_l1"):
             raise ValueError(f"loss must be 'l2' or 'smooth_l1', got {loss!r}")
         self.loss_type = loss
+        self.last_target: torch.Tensor | None = None
         self.context_encoder = SpectrogramEncoder(**resolve_size(encoder_kwargs))
         # The target encoder starts as an exact copy and is only ever moved by EMA.
         self.target_encoder = copy.deepcopy(self.context_encoder).requires_grad_(False)
@@ -58,4 +59,17 @@ class AJEPA(nn.Module):
 
     def forward(self, x: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         target = self.forward_target(x, target_idx)
+        # kept (no grad, no copy) for the training loop's collapse diagnostic, effective_rank()
+        self.last_target = target
         return self.loss(self.forward_context(x, context_idx, target_idx), target)
+
+
+@torch.no_grad()
+def effective_rank(tokens: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular-value energy of token features [..., D] (Roy & Vetterli
+    2007): D for isotropic features, 1 when every token varies along one direction. JEPA's failure mode
+    is dimensional collapse, which the loss alone does not show (a collapsed target is easy to predict)."""
+    x = tokens.reshape(-1, tokens.shape[-1]).double()
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s.square() / s.square().sum().clamp_min(1e-30)
+    return float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))

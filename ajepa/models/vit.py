@@ -117,6 +117,12 @@ class SpectrogramEncoder(nn.Module):
             for dp in _drop_path_rates(drop_path, depth))
         self.norm = _norm(embed_dim)
         init_vit_weights(self, self.blocks)
+        # MAE/AudioMAE: the patch projection is initialised as the linear layer it is (Xavier over
+        # the flattened 16x16 patch), not with I-JEPA's trunc_normal(0.02). With one input channel
+        # the latter makes patch content ~5x smaller than the sin-cos position code, so at init
+        # every token (and the EMA target) is mostly its position: an easy, content-free target.
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     @classmethod
     def from_size(cls, size: str, grid: tuple[int, int], **kwargs) -> "SpectrogramEncoder":

@@ -34,6 +34,7 @@ def run(params: Params, stop_after: int | None = None) -> str:
         r = pretrain(cfg, store, out, dist, stop_after=stop_after)
         if dist.is_main:
             write_json(out.metrics, {"steps": r.steps, "final_loss": r.final_loss, "tf_fraction": r.tf_fraction,
+                                     "target_rank": round(r.target_rank, 2),
                                      "samples_per_s": round(r.samples_per_s, 2), "seconds": round(r.seconds, 1),
                                      "world_size": dist.world_size, "device": str(dist.device)})
     finally:

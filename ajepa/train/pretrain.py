@@ -23,7 +23,7 @@ from ajepa.data.loader import pretrain_loader
 from ajepa.data.store import FeatureStore
 from ajepa.errors import AjepaError
 from ajepa.masks import MaskGenerator
-from ajepa.models import AJEPA
+from ajepa.models import AJEPA, effective_rank
 from ajepa.progress import progress
 from ajepa.train.checkpoint import (config_hash, export_encoder, load_checkpoint, rng_state, save_checkpoint,
                                     set_rng_state)
@@ -47,6 +47,7 @@ class PretrainResult:
     samples_per_s: float
     seconds: float
     tf_fraction: float
+    target_rank: float  # effective rank of the last logged step's targets (collapse shows as ~1)
 
 
 def encoder_config(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int) -> dict:
@@ -121,7 +122,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore, paths: PretrainPaths, dis
     momentum = LinearMomentum(o.ema_momentum[0], o.ema_momentum[1], total_steps)
     this_run = run_hash(cfg, store, dist.world_size)
 
-    start_step, tf_steps, last_loss, saved_step = 0, 0, float("nan"), None
+    start_step, tf_steps, last_loss, saved_step, target_rank = 0, 0, float("nan"), None, float("nan")
     checkpoint = paths.state / "checkpoint.pt"
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, map_location=device)
@@ -132,6 +133,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore, paths: PretrainPaths, dis
                 sched.load_state_dict(state[key])
             set_rng_state(state["rng"][dist.rank])  # one state per rank: each draws its own dropout
             start_step, tf_steps, last_loss = int(state["step"]), int(state["tf_steps"]), float(state["loss"])
+            target_rank = float(state["target_rank"])
             saved_step = start_step
         elif dist.is_main:
             print(f"pretrain: {checkpoint} is from other parameters or data; starting afresh")
@@ -161,7 +163,8 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore, paths: PretrainPaths, dis
             rngs = [rng_state()]
         if dist.is_main:
             save_checkpoint(checkpoint, {
-                "step": step, "tf_steps": tf_steps, "loss": last_loss, "run_hash": this_run,
+                "step": step, "tf_steps": tf_steps, "loss": last_loss, "target_rank": target_rank,
+                "run_hash": this_run,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": lr.state_dict(),
                 "wd": wd.state_dict(), "momentum": momentum.state_dict(), "rng": rngs})
         saved_step = step
@@ -209,6 +212,8 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore, paths: PretrainPaths, dis
             live.log_metric("train/ema_momentum", m)
             live.log_metric("train/tf_fraction", tf_steps / done)
             live.log_metric("train/samples_per_s", seen_log / max(now - t_log, 1e-9))
+            target_rank = effective_rank(model.last_target.float())
+            live.log_metric("train/target_rank", target_rank)
             live.next_step()
             t_log, seen_log = now, 0
             bar.set_postfix(loss=f"{global_loss:.4f}")
@@ -224,4 +229,4 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore, paths: PretrainPaths, dis
             export_encoder(paths.encoder, model.context_encoder, encoder_config(cfg, grid, patch_size))
     return PretrainResult(steps=done, start_step=start_step, final_loss=last_loss,
                           samples_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds,
-                          tf_fraction=tf_steps / done if done else 0.0)
+                          tf_fraction=tf_steps / done if done else 0.0, target_rank=target_rank)
