@@ -1,7 +1,7 @@
 """The HEAR 2021 common API over an exported A-JEPA encoder, so hear-eval-kit can score it.
 
     import ajepa.hear as hear
-    model = hear.load_model("models/encoder.safetensors", mean=-6.63, std=5.36)
+    model = hear.load_model("models/pretrain/encoder.safetensors", mean=-6.63, std=5.36)
     scene = hear.get_scene_embeddings(audio, model)                 # [n_sounds, embed_dim]
     emb, ts = hear.get_timestamp_embeddings(audio, model)           # [n_sounds, n_ts, embed_dim], [n_sounds, n_ts]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ajepa.downstream.metrics import SECONDARY
 from ajepa.models import SpectrogramEncoder
 from ajepa.train.checkpoint import load_encoder_state
 
@@ -42,10 +43,14 @@ def file_sha256(path: Path) -> str:
 
 
 def summarize(runs: list[dict], metric: str) -> dict:
-    """{metric: mean, "std": population std over the runs (folds), "runs": [...]}, rounded for reading."""
+    """{metric: mean, "std": population std over the runs (folds), "runs": [...]}, rounded for reading.
+    The secondary multi-label metrics (mAUC, d') are averaged too where the runs carry them."""
     scores = np.array([r[metric] for r in runs], dtype=float)
     out = {metric: round(float(scores.mean()), 2)}
     if len(scores) > 1:
         out["std"] = round(float(scores.std()), 2)
+    for key in SECONDARY:
+        if runs and all(key in r for r in runs):
+            out[key] = round(float(np.mean([r[key] for r in runs])), 4)
     out["runs"] = runs
     return out

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from ajepa.atomic import atomic_path
 from ajepa.config import LinearConfig
 from ajepa.downstream import metrics
+from ajepa.downstream.common import summarize
+from ajepa.downstream.metrics import SECONDARY
 from ajepa.downstream.protocols import EvalSplit, Task
 
 __all__ = ["embed", "fbank_embeddings", "cached_embeddings", "fit_probe", "evaluate_embeddings", "score"]
@@ -116,13 +118,13 @@ def _fit_probe(task: Task, emb: np.ndarray, split: EvalSplit, cfg: LinearConfig)
     head.load_state_dict(best_state)
     with torch.no_grad():
         test = score(task, task.y[split.test], head(x[split.test]))
-    return {"split": split.name, task.metric: round(float(test[task.metric]), 2), "best_epoch": best_epoch,
-            "epochs_run": epoch, f"val_{task.metric}": round(float(best[0]), 2),
+    secondary = {k: round(float(test[k]), 4) for k in SECONDARY if k in test}
+    return {"split": split.name, task.metric: round(float(test[task.metric]), 2), **secondary,
+            "best_epoch": best_epoch, "epochs_run": epoch, f"val_{task.metric}": round(float(best[0]), 2),
             "train_clips": len(split.train), "val_clips": len(split.val), "test_clips": len(split.test)}
 
 
 def evaluate_embeddings(task: Task, emb: np.ndarray, cfg: LinearConfig) -> dict:
-    from ajepa.downstream.common import summarize
     return summarize([fit_probe(task, emb, s, cfg) for s in task.splits], task.metric)
 
 

@@ -19,7 +19,10 @@ from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_s
 
 from ajepa.errors import AjepaError
 
-__all__ = ["accuracy", "mean_average_precision", "mean_auc", "d_prime", "multilabel_metrics",
+# multi-label metrics reported beside mAP (AudioMAE, AST) in every metrics JSON; never selected on
+SECONDARY = ("mAUC", "d_prime")
+
+__all__ = ["SECONDARY", "accuracy", "mean_average_precision", "mean_auc", "d_prime", "multilabel_metrics",
            "singlelabel_metrics"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def prepare_synth(params: Params) -> str:
     root = paths.raw_dir("synth")
     total = cfg.clips_per_class * len(synth.CLASSES) + cfg.pool_clips
     with atomic_path(root) as tmp, progress(total, "prepare synth", "clip") as bar:
-        synth.generate(tmp, spec, cfg.clips_per_class, cfg.num_folds, cfg.pool_clips, progress=bar)
+        synth.generate(tmp, spec, cfg.clips_per_class, cfg.num_folds, cfg.pool_clips, progress=bar,
+                       workers=os.cpu_count() or 1)
     labeled, classes = esc50_layout(root, meta_csv="meta/synth.csv")
     pool = unlabeled_rows(root, meta_csv="meta/pool.csv", audio_dir="pool")
     rows = add_audio_info(pd.concat([labeled, pool], ignore_index=True))

@@ -9,6 +9,7 @@ from ajepa import paths
 from ajepa.atomic import write_json, write_text
 from ajepa.config import Params
 from ajepa.data.registry import PAPER_RESULTS
+from ajepa.downstream.metrics import SECONDARY
 from ajepa.errors import AjepaError
 
 METHODS = {  # summary.json key -> how the report names the row
@@ -39,7 +40,7 @@ def collect(params: Params) -> tuple[dict, dict]:
             for method in METHODS:
                 if method in m:
                     summary[bench][method] = {metric: m[method][metric],
-                                              **({"std": m[method]["std"]} if "std" in m[method] else {})}
+                                              **{k: m[method][k] for k in ("std", *SECONDARY) if k in m[method]}}
     return summary, info
 
 
@@ -86,7 +87,9 @@ def render(summary: dict, info: dict, pretrain: dict, params: Params) -> str:
         f"Pretraining: `{params.pretrain.dataset}` ({', '.join(params.pretrain.splits)}), encoder "
         f"{e.embed_dim}/{e.depth}/{e.num_heads} (width/depth/heads), predictor {p.embed_dim}/{p.depth}/{p.num_heads}, "
         f"masking `{params.pretrain.masking.mode}`, {pretrain['steps']} steps, final loss {pretrain['final_loss']:.4f}, "
-        f"{pretrain['samples_per_s']:g} samples/s on {pretrain['device']} (x{pretrain['world_size']}).",
+        f"{pretrain['samples_per_s']:g} samples/s on {pretrain['device']} (x{pretrain['world_size']}); "
+        f"effective rank of the targets {pretrain.get('target_rank', float('nan')):.1f} of {e.embed_dim} "
+        "(near 1: collapsed).",
         "",
         "| benchmark | metric | method | this run | paper (ViT-B, AS-2M pretraining) |",
         "|---|---|---|---|---|",

@@ -1,0 +1,111 @@
+"""Evaluation protocols and the linear probe on hand-made embeddings: which clips train, select and
+score, and that nothing about the test clips steers the choice."""
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ajepa.config import load_params
+from ajepa.downstream.linear import evaluate_embeddings, fit_probe
+from ajepa.downstream.protocols import Task, eval_splits
+from ajepa.errors import AjepaError
+from conftest import REPO
+
+LINEAR = dataclasses.replace(load_params(REPO / "params.yaml").linear, max_epochs=60, patience=8)
+
+
+def _folds_index(n_folds=5, per_fold=7):
+    return pd.DataFrame({"clip_id": [f"c{i}" for i in range(n_folds * per_fold)],
+                         "fold": np.repeat(np.arange(1, n_folds + 1), per_fold)})
+
+
+def test_folds_never_share_a_clip_and_test_each_clip_once():
+    index = _folds_index()
+    splits = eval_splits(index, "folds")
+    assert [s.name for s in splits] == [f"fold{k}" for k in range(1, 6)]
+    tested = np.concatenate([s.test for s in splits])
+    assert sorted(tested) == list(range(len(index)))  # every clip is a test clip exactly once
+    for k, s in enumerate(splits, start=1):
+        parts = [set(s.train), set(s.val), set(s.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert set().union(*parts) == set(range(len(index)))
+        assert set(index["fold"].to_numpy()[s.test]) == {k}
+        assert set(index["fold"].to_numpy()[s.val]) == {k % 5 + 1}
+        assert k not in set(index["fold"].to_numpy()[s.train])
+
+
+def test_protocol_errors_are_one_line():
+    with pytest.raises(AjepaError, match="at least 3 folds"):
+        eval_splits(_folds_index(n_folds=2), "folds")
+    index = pd.DataFrame({"clip_id": ["a", "b"], "split": ["train", "test"]})
+    with pytest.raises(AjepaError, match="none in val"):
+        eval_splits(index, "splits")
+
+
+def _task(y: torch.Tensor, protocol: str, classes: int, index: pd.DataFrame) -> Task:
+    return Task("hand", protocol, [f"k{i}" for i in range(classes)], torch.empty(0), y, index,
+                eval_splits(index, protocol), store=None)
+
+
+def _single_label_case(seed=0, n=240, classes=4, dim=16, signal=1.5):
+    """Four clusters (train, val and test drawn alike); signal=0: labels unrelated to the embeddings."""
+    rng = np.random.default_rng(seed)
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
+    y = rng.integers(0, classes, n)
+    centers = rng.normal(size=(classes, dim)) * signal
+    emb = (centers[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    index = pd.DataFrame({"clip_id": [f"c{i}" for i in range(n)], "split": split})
+    return emb, torch.as_tensor(y), index
+
+
+def test_early_stopping_and_selection_look_at_validation_only():
+    emb, y, index = _single_label_case()
+    task = _task(y, "splits", 4, index)
+    split = task.splits[0]
+    first = fit_probe(task, emb, split, LINEAR)
+    assert first["accuracy"] > 60 and first["val_accuracy"] > 60
+    # the test labels change: the stopping point, the chosen weights' validation score stay the same
+    y2 = y.clone()
+    y2[split.test] = y[split.test][torch.randperm(len(split.test), generator=torch.Generator().manual_seed(1))]
+    y2[split.test] = (y2[split.test] + 1) % 4
+    second = fit_probe(_task(y2, "splits", 4, index), emb, split, LINEAR)
+    assert (second["best_epoch"], second["epochs_run"], second["val_accuracy"]) == \
+           (first["best_epoch"], first["epochs_run"], first["val_accuracy"])
+    assert second["accuracy"] != first["accuracy"]
+    # the validation labels change: so does the choice
+    y3 = y.clone()
+    y3[split.val] = (y[split.val] + 1) % 4
+    third = fit_probe(_task(y3, "splits", 4, index), emb, split, LINEAR)
+    assert third["val_accuracy"] < 40 and third["best_epoch"] != first["best_epoch"]
+
+
+def test_patience_stops_the_probe_early():
+    emb, y, index = _single_label_case(signal=0.0)  # nothing to learn: validation stops improving
+    r = fit_probe(_task(y, "splits", 4, index), emb, eval_splits(index, "splits")[0],
+                  dataclasses.replace(LINEAR, max_epochs=500, patience=3))
+    assert r["epochs_run"] < 500 and r["epochs_run"] - r["best_epoch"] == 3
+
+
+def test_folds_probe_gives_mean_and_std_over_folds():
+    emb, y, _ = _single_label_case()
+    index = _folds_index(per_fold=48)
+    summary = evaluate_embeddings(_task(y, "folds", 4, index), emb, LINEAR)
+    runs = [r["accuracy"] for r in summary["runs"]]
+    assert len(runs) == 5 and summary["accuracy"] == pytest.approx(np.mean(runs), abs=0.01)
+    assert summary["std"] == pytest.approx(np.std(runs), abs=0.01)
+
+
+def test_multilabel_probe_reports_map_mauc_and_d_prime():
+    rng = np.random.default_rng(0)
+    n, classes, dim = 300, 5, 12
+    y = (rng.random((n, classes)) < 0.3).astype(np.float32)
+    y[:, 4] = 0.0  # a class with no positives anywhere: skipped by mAP and mAUC, not an error
+    emb = (y @ rng.normal(size=(classes, dim)) * 2 + rng.normal(size=(n, dim))).astype(np.float32)
+    split = np.array(["train"] * 150 + ["val"] * 75 + ["test"] * 75)
+    index = pd.DataFrame({"clip_id": [f"c{i}" for i in range(n)], "split": split})
+    summary = evaluate_embeddings(_task(torch.as_tensor(y), "multilabel", classes, index), emb, LINEAR)
+    assert 60 < summary["mAP"] <= 100 and 0.8 < summary["mAUC"] <= 1.0
+    assert summary["d_prime"] > 1.0 and set(summary["runs"][0]) >= {"mAP", "mAUC", "d_prime"}
