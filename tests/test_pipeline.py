@@ -208,3 +208,26 @@ def test_dvc_commit_adopts_a_snakemake_run(snakemake_copy):
     root, _ = snakemake_copy
     run(["dvc", "commit", "--force"], root)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], root).stdout
+
+
+def test_one_benchmark_linear_probe_reruns_alone(dvc_copy):
+    """`dvc repro linear@synth` after a probe setting changed: that stage runs, nothing upstream does,
+    and its metrics follow the new setting. The workspace is put back as it was."""
+    root, _ = dvc_copy
+    before = json.loads((root / "results/linear/synth/metrics.json").read_text())
+    try:
+        _set_params(root, lambda p: p["linear"].update(lr=0.05, max_epochs=3, patience=2))
+        r = run(["dvc", "repro", "linear@synth"], root)
+        out = r.stdout + r.stderr
+        assert "Running stage 'linear@synth'" in out
+        ran = set(re.findall(r"Running stage '([^']+)'", out))
+        assert ran == {"linear@synth"}, ran
+        after = json.loads((root / "results/linear/synth/metrics.json").read_text())
+        assert all(run_["epochs_run"] <= 3 for run_ in after["linear"]["runs"])
+        assert after["linear"]["runs"] != before["linear"]["runs"]
+        stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
+        assert stages == {"report"}  # downstream of the probe, not rerun by a single-stage target
+    finally:
+        run(["git", "checkout", "params.yaml"], root)
+        run(["dvc", "repro", "linear@synth"], root)
+    assert json.loads((root / "results/linear/synth/metrics.json").read_text()) == before
