@@ -12,8 +12,10 @@ from conftest import tiny_params
 
 @pytest.fixture()
 def tiny_params_file(tmp_path):
+    params = tiny_params()
+    params["pretrain"]["masking"]["mode"] = "curriculum"  # the paper's: its headline mixes both modes
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
 

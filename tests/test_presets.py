@@ -29,7 +29,7 @@ def test_smoke_preset_gives_the_test_configuration_and_keeps_the_file_layout(pro
     before = (project / "params.yaml").read_text()
     assert main(["preset", "smoke"]) == 0
     out = capsys.readouterr().out
-    assert "pretrain.encoder.embed_dim: 192 -> 32" in out and "datasets.synth.target_length: 192 -> 96" in out
+    assert "pretrain.encoder.embed_dim: 128 -> 32" in out and "datasets.synth.target_length: 192 -> 96" in out
     after = (project / "params.yaml").read_text()
     assert yaml.safe_load(after) == tiny_params()
     # one changed line per changed value: comments, flow lists and every other line survive
@@ -60,11 +60,11 @@ def test_preset_with_unknown_key_is_refused(project, capsys):
 
 
 def test_preset_with_invalid_value_leaves_params_untouched(project, capsys):
-    _write_preset(project, "bad", {"pretrain": {"encoder": {"embed_dim": 100}}})  # 3 heads do not divide 100
+    _write_preset(project, "bad", {"pretrain": {"encoder": {"embed_dim": 102}}})  # 4 heads do not divide 102
     before = (project / "params.yaml").read_bytes()
     assert main(["preset", "bad"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "pretrain.encoder.embed_dim = 100" in err and "presets/bad.yaml" in err
+    assert "\n" not in err and "pretrain.encoder.embed_dim = 102" in err and "presets/bad.yaml" in err
     assert (project / "params.yaml").read_bytes() == before
     assert not [p for p in project.iterdir() if p.name.startswith(".params.yaml")]  # no temporary left
 

@@ -55,7 +55,8 @@ def _train(cfg, store_dir, out, **kw):
 
 def test_loss_decreases(store_dir, tmp_path):
     cfg = _params().pretrain
-    cfg = type(cfg)(**{**cfg.__dict__, "optim": type(cfg.optim)(**{**cfg.optim.__dict__, "epochs": 8, "lr": 2e-3})})
+    cfg = type(cfg)(**{**cfg.__dict__, "optim": type(cfg.optim)(**{**cfg.optim.__dict__, "epochs": 8, "lr": 2e-3}),
+                       "masking": type(cfg.masking)(**{**cfg.masking.__dict__, "mode": "curriculum"})})
     r, losses = _train(cfg, store_dir, tmp_path)
     steps = sorted(losses)
     assert len(steps) == 8 * (48 // 8) == r.steps

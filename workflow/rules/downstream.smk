@@ -71,6 +71,7 @@ rule report:
         expand("results/linear/{bench}/metrics.json", bench=BENCHMARKS),
         expand("results/finetune/{bench}/metrics.json", bench=BENCHMARKS),
         "ajepa/stages/report.py",
+        "ajepa/downstream/metrics.py",
         "ajepa/plots.py",
         "ajepa/masks.py",
         "ajepa/data/registry.py",
