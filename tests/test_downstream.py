@@ -109,3 +109,62 @@ def test_multilabel_probe_reports_map_mauc_and_d_prime():
     summary = evaluate_embeddings(_task(torch.as_tensor(y), "multilabel", classes, index), emb, LINEAR)
     assert 60 < summary["mAP"] <= 100 and 0.8 < summary["mAUC"] <= 1.0
     assert summary["d_prime"] > 1.0 and set(summary["runs"][0]) >= {"mAP", "mAUC", "d_prime"}
+
+
+class _Stats:
+    stats = {"mean": -5.0, "std": 4.0}
+
+
+def _spectrogram_task(n=48, classes=4, grid=(2, 8)):
+    """Clips whose class sets the level of one mel band, in train / val / test splits."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, grid[0] * 16, grid[1] * 16, generator=g) * 0.5
+    for c in range(classes):
+        x[y == c, :, 32 * c:32 * c + 16] += 1.5
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
+    index = pd.DataFrame({"clip_id": [f"c{i}" for i in range(n)], "split": split})
+    return Task("hand", "splits", [f"k{i}" for i in range(classes)], x, y, index,
+                eval_splits(index, "splits"), store=_Stats())
+
+
+def test_interrupted_finetuning_resumes_to_the_same_result(tmp_path, monkeypatch):
+    from ajepa.downstream import finetune
+    from ajepa.models import SpectrogramEncoder
+
+    task = _spectrogram_task()
+    # every random part of the recipe is on: mixup, roll, SpecAugment, drop path, regularized masking
+    cfg = dataclasses.replace(load_params(REPO / "params.yaml").recipe("synth"), epochs=3, batch_size=8,
+                              warmup_epochs=1.0, mixup=0.5, roll=True, specaug_time=8, specaug_freq=8,
+                              drop_path=0.1, key_mask_ratio=0.1)
+
+    def fresh_encoder():
+        torch.manual_seed(0)
+        return SpectrogramEncoder((2, 8), 16, 32, 2, 2, drop_path=cfg.drop_path)
+
+    def run(name):
+        return finetune.finetune_run(task, task.splits[0], fresh_encoder(), cfg, name, torch.device("cpu"),
+                                     tmp_path / f"{name}.pt", "hash", enable_progress=False)
+
+    straight = run("straight")
+    saves = []
+    real_save = finetune.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state["epoch"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    assert saves == [1, 2]
+    saves.clear()
+    monkeypatch.setattr(finetune, "save_checkpoint", lambda path, state: (real_save(path, state),
+                                                                         saves.append(state["epoch"])))
+    resumed = run("resumed")
+    assert saves == [3]  # it went on from epoch 2 rather than starting again
+    assert len(resumed.history) == 3 and resumed.history == straight.history
+    assert resumed.test == straight.test and resumed.best_epoch == straight.best_epoch
+    assert resumed.test_scores == straight.test_scores
