@@ -168,3 +168,20 @@ def test_interrupted_finetuning_resumes_to_the_same_result(tmp_path, monkeypatch
     assert len(resumed.history) == 3 and resumed.history == straight.history
     assert resumed.test == straight.test and resumed.best_epoch == straight.best_epoch
     assert resumed.test_scores == straight.test_scores
+
+
+def test_perfect_auc_gives_json_safe_null_d_prime():
+    import json
+    import math
+
+    from ajepa.downstream.common import summarize
+    from ajepa.downstream.metrics import multilabel_metrics, secondary
+
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=np.float32)
+    test = multilabel_metrics(y, y * 0.9 + 0.05)  # perfect ranking: mAUC 1, d' infinite
+    assert test["mAUC"] == 1.0 and math.isinf(test["d_prime"])
+    run = {"split": "test", "mAP": 100.0, **secondary(test)}
+    assert run["mAUC"] == 1.0 and run["d_prime"] is None
+    summary = summarize([run], "mAP")
+    assert summary["d_prime"] is None and summary["mAUC"] == 1.0
+    json.dumps(summary, allow_nan=False)  # strict JSON: DVC and other readers parse it

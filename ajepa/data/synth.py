@@ -205,8 +205,9 @@ def generate(root: Path, spec: SynthSpec, clips_per_class: int, num_folds: int, 
         jobs.append((root / "pool" / name, spec, POOL, i, CLASSES[target]))
         pool_rows.append(dict(filename=name))
     if workers > 1:
+        import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:  # as the features stage
             for _ in pool.map(_write_clip, jobs, chunksize=32):
                 if progress:
                     progress.update(1)

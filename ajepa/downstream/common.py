@@ -51,6 +51,7 @@ def summarize(runs: list[dict], metric: str) -> dict:
         out["std"] = round(float(scores.std()), 2)
     for key in SECONDARY:
         if runs and all(key in r for r in runs):
-            out[key] = round(float(np.mean([r[key] for r in runs])), 4)
+            values = [r[key] for r in runs]
+            out[key] = None if None in values else round(float(np.mean(values)), 4)
     out["runs"] = runs
     return out

@@ -22,7 +22,6 @@ from ajepa.atomic import atomic_path
 from ajepa.config import LinearConfig
 from ajepa.downstream import metrics
 from ajepa.downstream.common import summarize
-from ajepa.downstream.metrics import SECONDARY
 from ajepa.downstream.protocols import EvalSplit, Task
 
 __all__ = ["embed", "fbank_embeddings", "cached_embeddings", "fit_probe", "evaluate_embeddings", "score"]
@@ -118,8 +117,7 @@ def _fit_probe(task: Task, emb: np.ndarray, split: EvalSplit, cfg: LinearConfig)
     head.load_state_dict(best_state)
     with torch.no_grad():
         test = score(task, task.y[split.test], head(x[split.test]))
-    secondary = {k: round(float(test[k]), 4) for k in SECONDARY if k in test}
-    return {"split": split.name, task.metric: round(float(test[task.metric]), 2), **secondary,
+    return {"split": split.name, task.metric: round(float(test[task.metric]), 2), **metrics.secondary(test),
             "best_epoch": best_epoch, "epochs_run": epoch, f"val_{task.metric}": round(float(best[0]), 2),
             "train_clips": len(split.train), "val_clips": len(split.val), "test_clips": len(split.test)}
 

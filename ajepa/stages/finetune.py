@@ -13,7 +13,7 @@ from ajepa import paths
 from ajepa.atomic import write_csv, write_json
 from ajepa.config import Params
 from ajepa.downstream.common import build_encoder, file_sha256, summarize
-from ajepa.downstream.metrics import SECONDARY
+from ajepa.downstream.metrics import secondary
 from ajepa.downstream.finetune import finetune_run, result_dict
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
@@ -61,7 +61,7 @@ def run(params: Params, benchmark: str) -> str:
     rows = {}
     for init, records in results.items():
         runs = [{"split": r["name"].split("-", 1)[1], m: round(float(r["test"][m]), 2),
-                 **{k: round(float(r["test"][k]), 4) for k in SECONDARY if k in r["test"]}, "best_epoch": r["best_epoch"],
+                 **secondary(r["test"]), "best_epoch": r["best_epoch"],
                  f"val_{m}": round(float(r["val_score"]), 2), "seconds": round(r["seconds"], 1)} for r in records]
         rows[INITS[init]] = summarize(runs, m)
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": m,
