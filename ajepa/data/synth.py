@@ -23,6 +23,9 @@ Layout (the ESC-50 layout, so the same manifest code reads the real ESC-50):
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,16 +207,12 @@ def generate(root: Path, spec: SynthSpec, clips_per_class: int, num_folds: int, 
         name = f"pool-{i:06d}.wav"
         jobs.append((root / "pool" / name, spec, POOL, i, CLASSES[target]))
         pool_rows.append(dict(filename=name))
-    if workers > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:  # as the features stage
-            for _ in pool.map(_write_clip, jobs, chunksize=32):
-                if progress:
-                    progress.update(1)
-    else:
-        for job in jobs:
-            _write_clip(job)
+    with contextlib.ExitStack() as stack:
+        written = map(_write_clip, jobs)
+        if workers > 1:  # forked, as the features stage's workers
+            executor = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")))
+            written = executor.map(_write_clip, jobs, chunksize=32)
+        for _ in written:
             if progress:
                 progress.update(1)
     meta, pool = pd.DataFrame(rows), pd.DataFrame(pool_rows)

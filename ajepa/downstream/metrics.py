@@ -22,15 +22,15 @@ from ajepa.errors import AjepaError
 # multi-label metrics reported beside mAP (AudioMAE, AST) in every metrics JSON; never selected on
 SECONDARY = ("mAUC", "d_prime")
 
+__all__ = ["SECONDARY", "secondary", "accuracy", "mean_average_precision", "mean_auc", "d_prime", "multilabel_metrics",
+           "singlelabel_metrics"]
+
 
 def secondary(test: dict) -> dict:
     """The SECONDARY metrics of one scored split, rounded for a JSON file; d' is infinite at mAUC 1,
     which JSON cannot hold, so a non-finite value is written as null."""
     return {k: (round(float(test[k]), 4) if math.isfinite(float(test[k])) else None)
             for k in SECONDARY if k in test}
-
-__all__ = ["SECONDARY", "secondary", "accuracy", "mean_average_precision", "mean_auc", "d_prime", "multilabel_metrics",
-           "singlelabel_metrics"]
 
 
 def _scores(scores) -> np.ndarray:
