@@ -149,7 +149,10 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
         m.update_target(0.996)
         return loss.detach()
 
-    peak = flops.matmul_peak_flops(dev, seconds=2.0)
+    # The peak is measured before, between and after the two timed modes, and each mode's MFU uses
+    # the mean of the two peaks around it: a shared VM's speed drifts by 20% or more within a
+    # minute, and one peak taken before all timing made MFU swing with that drift.
+    peaks = [flops.matmul_peak_flops(dev, seconds=0.7)]
     x = torch.randn(batch, length, grid[1] * patch, device=dev)
     per_mode = {}
     for mode in ("block", "tf"):
@@ -158,12 +161,14 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
         batches = [(x, mk.context.to(dev), mk.targets.to(dev)) for mk in drawn]
         seconds = flops.measure_step(model, opt, lambda i: batches[i], steps=steps, warmup=warmup,
                                      step_fn=step_fn, reduce="mean")
+        peaks.append(flops.matmul_peak_flops(dev, seconds=0.7))
+        peak = (peaks[-2] + peaks[-1]) / 2
         step_flops = sum(flops.ajepa_step_flops(enc_cfg, pred_cfg, grid, batch, mk.context.shape[1],
                                                 mk.targets.shape[1], mk.targets.shape[2])
                          for mk in drawn[warmup:]) / steps
         per_mode[mode] = {"seconds_per_step": seconds, "samples_per_s": batch / seconds,
                           "model_flops_per_step": step_flops, "model_flops_per_s": step_flops / seconds,
-                          "mfu": step_flops / seconds / peak,
+                          "peak_flops_per_s": peak, "mfu": step_flops / seconds / peak,
                           "context_patches": sum(mk.context.shape[1] for mk in drawn[warmup:]) / steps}
     p_tf = _expected_tf_fraction(cfg.masking.mode, cfg.masking.curriculum_c0)
     mix = {k: p_tf * per_mode["tf"][k] + (1 - p_tf) * per_mode["block"][k]
@@ -177,12 +182,18 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
                       "num_heads": pred_cfg["num_heads"]},
         "input": [length, grid[1] * patch], "grid": list(grid), "batch": batch, "steps": steps,
         "masking_mode": cfg.masking.mode, "tf_fraction": round(p_tf, 3),
-        "peak_flops_per_s": peak,
+        "peak_flops_per_s": sum(peaks) / len(peaks),
+        "peak_measurements": peaks,  # before block, between, after tf
+        # max / min - 1 of the three: how much the machine's speed drifted during the run
+        "peak_spread": max(peaks) / min(peaks) - 1,
         "samples_per_s": batch / mix["seconds_per_step"],
         "model_flops_per_s": mix["model_flops_per_step"] / mix["seconds_per_step"],
         "modes": per_mode,
     }
-    r["mfu"] = r["model_flops_per_s"] / peak
+    # the model FLOPs of the mixed step over what the peak, as measured around each mode, does in its time
+    weights = {"tf": p_tf, "block": 1 - p_tf}
+    r["mfu"] = mix["model_flops_per_step"] / sum(
+        w * per_mode[k]["seconds_per_step"] * per_mode[k]["peak_flops_per_s"] for k, w in weights.items())
     return r
 
 
@@ -198,7 +209,8 @@ def _format_pretrain(r: dict) -> str:
     lines = [f"bench pretrain: encoder {e['embed_dim']}/{e['depth']}/{e['num_heads']} (dim/depth/heads), predictor "
              f"{p['embed_dim']}/{p['depth']}/{p['num_heads']}, input {r['input'][0]}x{r['input'][1]} "
              f"({r['grid'][0]}x{r['grid'][1]} patches), batch {r['batch']}, {r['device']}, {r['dtype']}",
-             f"  matmul peak      : {r['peak_flops_per_s'] / 1e9:9.1f} GFLOP/s (measured now)"]
+             f"  matmul peak      : {r['peak_flops_per_s'] / 1e9:9.1f} GFLOP/s (measured now, 3 times; "
+             f"spread {r['peak_spread']:.0%})"]
     for mode, m in r["modes"].items():
         lines.append(f"  {mode:5s} masks      : {m['seconds_per_step']:7.3f} s/step  {m['samples_per_s']:8.1f} samples/s  "
                      f"{m['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {m['mfu']:.2f}  "
@@ -208,6 +220,9 @@ def _format_pretrain(r: dict) -> str:
     if r["cpu_busy_before"] is not None and r["cpu_busy_before"] > 0.1:
         lines.append(f"  warning: the CPU was {r['cpu_busy_before']:.0%} busy before the run; another process "
                      f"competes for the cores, so these figures understate a quiet machine")
+    if r["peak_spread"] > 0.1:
+        lines.append(f"  warning: the matmul peak varied by {r['peak_spread']:.0%} during the run (a shared or "
+                     f"throttled machine); MFU is uncertain by about as much: rerun for a steadier figure")
     return "\n".join(lines)
 
 

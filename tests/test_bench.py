@@ -25,9 +25,20 @@ def test_bench_pretrain_json(tiny_params_file, capsys):
     r = json.loads(capsys.readouterr().out)
     assert {"samples_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu"} <= r.keys()
     assert r["grid"] == [6, 8] and r["batch"] == 4 and r["encoder"]["embed_dim"] == 32
-    assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["peak_flops_per_s"])
+    # the peak is measured before, between and after the two modes; each mode is set against the
+    # mean of the two measurements around it, the headline against the same peaks, time-weighted
+    before, between, after = r["peak_measurements"]
+    assert r["modes"]["block"]["peak_flops_per_s"] == pytest.approx((before + between) / 2)
+    assert r["modes"]["tf"]["peak_flops_per_s"] == pytest.approx((between + after) / 2)
+    assert r["peak_spread"] == pytest.approx(max(before, between, after) / min(before, between, after) - 1)
+    p = r["tf_fraction"]
+    budget = sum(w * r["modes"][k]["seconds_per_step"] * r["modes"][k]["peak_flops_per_s"]
+                 for k, w in (("tf", p), ("block", 1 - p)))
+    flops_per_step = r["model_flops_per_s"] * 4 / r["samples_per_s"]
+    assert r["mfu"] == pytest.approx(flops_per_step / budget, rel=1e-3)
     for mode, m in r["modes"].items():
         assert m["samples_per_s"] == pytest.approx(4 / m["seconds_per_step"])
+        assert m["mfu"] == pytest.approx(m["model_flops_per_s"] / m["peak_flops_per_s"])
         assert 0 < m["mfu"] < 1.5, mode  # a real ratio of measured rates, not a constant
     # the headline mixes the two modes in the curriculum's proportion (about 2/3 TF)
     assert r["tf_fraction"] == pytest.approx(2 / 3, abs=0.01)
@@ -58,3 +69,15 @@ def test_expected_tf_fraction():
     assert f == pytest.approx(2 / 3, abs=0.01)
     assert bench._expected_tf_fraction("inverse", 0.01) == pytest.approx(1 - f)
 
+
+
+def test_bench_pretrain_one_mode_headline_is_that_mode(tiny_params_file, capsys):
+    params = yaml.safe_load(tiny_params_file.read_text())
+    params["pretrain"]["masking"]["mode"] = "block"
+    tiny_params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "2", "--batch", "4",
+                 "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tf_fraction"] == 0.0
+    assert r["mfu"] == pytest.approx(r["modes"]["block"]["mfu"])
+    assert r["samples_per_s"] == pytest.approx(r["modes"]["block"]["samples_per_s"])
