@@ -171,7 +171,8 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
                           "peak_flops_per_s": peak, "mfu": step_flops / seconds / peak,
                           "context_patches": sum(mk.context.shape[1] for mk in drawn[warmup:]) / steps}
     p_tf = _expected_tf_fraction(cfg.masking.mode, cfg.masking.curriculum_c0)
-    mix = {k: p_tf * per_mode["tf"][k] + (1 - p_tf) * per_mode["block"][k]
+    weights = {"tf": p_tf, "block": 1 - p_tf}
+    mix = {k: sum(w * per_mode[mode][k] for mode, w in weights.items())
            for k in ("seconds_per_step", "model_flops_per_step")}
     r = {
         "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({n_threads} threads)",
@@ -191,7 +192,6 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
         "modes": per_mode,
     }
     # the model FLOPs of the mixed step over what the peak, as measured around each mode, does in its time
-    weights = {"tf": p_tf, "block": 1 - p_tf}
     r["mfu"] = mix["model_flops_per_step"] / sum(
         w * per_mode[k]["seconds_per_step"] * per_mode[k]["peak_flops_per_s"] for k, w in weights.items())
     return r

@@ -70,7 +70,6 @@ def test_expected_tf_fraction():
     assert bench._expected_tf_fraction("inverse", 0.01) == pytest.approx(1 - f)
 
 
-
 def test_bench_pretrain_one_mode_headline_is_that_mode(tiny_params_file, capsys):
     params = yaml.safe_load(tiny_params_file.read_text())
     params["pretrain"]["masking"]["mode"] = "block"
