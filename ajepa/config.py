@@ -164,6 +164,7 @@ class PredictorConfig:
     embed_dim: int  # paper: 512
     depth: int  # paper: 16
     num_heads: int
+    init: Literal["trunc_normal", "xavier"]  # I-JEPA's trunc_normal(0.02), or MAE's decoder init
 
     def check(self, key: str) -> None:
         _positive(self, key, "embed_dim", "depth", "num_heads")

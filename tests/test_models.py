@@ -108,6 +108,31 @@ def test_predictor_batched_equals_separate_passes():
     assert not torch.allclose(out[:, 0], out[:, 1])
 
 
+
+def test_predictor_init_choices():
+    """trunc_normal: I-JEPA's 0.02 with the residual rescale; xavier: every Linear at
+    sqrt(2 / (fan_in + fan_out)) with zero biases, no rescale; the encoder is never touched."""
+    kw = dict(encoder_dim=64, predictor_dim=128, depth=3, num_heads=4)
+    ij, xa = Predictor(GRID, **kw), Predictor(GRID, init="xavier", **kw)
+    assert ij.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert ij.blocks[2].mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(6), rel=0.05)
+    linears = [m for m in xa.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 + 4 * 3  # embed, proj, and qkv / proj / fc1 / fc2 per block
+    for m in linears:
+        fan_out, fan_in = m.weight.shape
+        assert m.weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
+        assert not m.bias.any()
+    # same mask token draw and same forward signature: only the Linear weights differ
+    assert xa.mask_token.std().item() == pytest.approx(0.02, rel=0.2)
+    with pytest.raises(ValueError, match="predictor init must be one of"):
+        Predictor(GRID, init="kaiming", **kw)
+    torch.manual_seed(0)
+    m = AJEPA(ENC, dict(predictor_dim=16, depth=1, num_heads=2, init="xavier"))
+    torch.manual_seed(0)
+    plain = SpectrogramEncoder(**ENC)
+    assert all(torch.equal(a, b) for a, b in zip(m.context_encoder.state_dict().values(),
+                                                 plain.state_dict().values()))
+
 # --- regularized (key) masking ---------------------------------------------------------
 
 def test_random_key_mask_counts():

@@ -29,7 +29,7 @@ def test_smoke_preset_gives_the_test_configuration_and_keeps_the_file_layout(pro
     before = (project / "params.yaml").read_text()
     assert main(["preset", "smoke"]) == 0
     out = capsys.readouterr().out
-    assert "pretrain.encoder.embed_dim: 128 -> 32" in out and "datasets.synth.target_length: 192 -> 96" in out
+    assert "pretrain.encoder.embed_dim: 192 -> 32" in out and "datasets.synth.target_length: 192 -> 96" in out
     after = (project / "params.yaml").read_text()
     assert yaml.safe_load(after) == tiny_params()
     # one changed line per changed value: comments, flow lists and every other line survive

@@ -16,8 +16,8 @@ from timm.models.vision_transformer import Block
 
 from .attention import KeyMaskBlock
 
-__all__ = ["SIZES", "resolve_size", "sincos_pos_embed_2d", "gather_tokens", "init_vit_weights",
-           "SpectrogramEncoder", "Predictor"]
+__all__ = ["SIZES", "PREDICTOR_INITS", "resolve_size", "sincos_pos_embed_2d", "gather_tokens",
+           "init_vit_weights", "SpectrogramEncoder", "Predictor"]
 
 # ViT sizes (embed_dim, depth, num_heads) as in ViT/MAE/I-JEPA; A-JEPA's main model is "base".
 SIZES = {
@@ -66,6 +66,11 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     flat = idx.reshape(B, -1)
     out = torch.gather(x, 1, flat.unsqueeze(-1).expand(-1, -1, D))
     return out.reshape(*idx.shape, D)
+
+
+# How the predictor's Linear layers start: "trunc_normal" is I-JEPA's (init_vit_weights below);
+# "xavier" is MAE's decoder init, xavier_uniform for every Linear and zero biases.
+PREDICTOR_INITS = ("trunc_normal", "xavier")
 
 
 def init_vit_weights(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> None:
@@ -157,8 +162,11 @@ class Predictor(nn.Module):
     """
 
     def __init__(self, grid: tuple[int, int], encoder_dim: int, predictor_dim: int = 512, depth: int = 16,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, drop_path: float = 0.0, qkv_bias: bool = True):
+                 num_heads: int = 16, mlp_ratio: float = 4.0, drop_path: float = 0.0, qkv_bias: bool = True,
+                 init: str = "trunc_normal"):
         super().__init__()
+        if init not in PREDICTOR_INITS:
+            raise ValueError(f"predictor init must be one of {PREDICTOR_INITS}, got {init!r}")
         self.grid = tuple(grid)
         self.embed = nn.Linear(encoder_dim, predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
@@ -170,6 +178,11 @@ class Predictor(nn.Module):
         self.norm = _norm(predictor_dim)
         self.proj = nn.Linear(predictor_dim, encoder_dim)
         init_vit_weights(self, self.blocks)
+        if init == "xavier":
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
         trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, context_tokens: torch.Tensor, context_idx: torch.Tensor,

@@ -85,7 +85,8 @@ def render(summary: dict, info: dict, pretrain: dict, params: Params) -> str:
         "# A-JEPA results",
         "",
         f"Pretraining: `{params.pretrain.dataset}` ({', '.join(params.pretrain.splits)}), encoder "
-        f"{e.embed_dim}/{e.depth}/{e.num_heads} (width/depth/heads), predictor {p.embed_dim}/{p.depth}/{p.num_heads}, "
+        f"{e.embed_dim}/{e.depth}/{e.num_heads} (width/depth/heads), predictor {p.embed_dim}/{p.depth}/{p.num_heads} "
+        f"({p.init} init), "
         f"masking `{params.pretrain.masking.mode}`, {pretrain['steps']} steps, final loss {pretrain['final_loss']:.4f}, "
         f"{pretrain['samples_per_s']:g} samples/s on {pretrain['device']} (x{pretrain['world_size']}); "
         f"effective rank of the targets {pretrain.get('target_rank', float('nan')):.1f} of {e.embed_dim} "

@@ -60,7 +60,8 @@ def build_model(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int) -> 
     encoder = encoder_config(cfg, grid, patch_size)
     encoder["grid"] = tuple(encoder["grid"])
     p = cfg.predictor
-    return AJEPA(encoder, {"predictor_dim": p.embed_dim, "depth": p.depth, "num_heads": p.num_heads}, loss=cfg.loss)
+    return AJEPA(encoder, {"predictor_dim": p.embed_dim, "depth": p.depth, "num_heads": p.num_heads,
+                           "init": p.init}, loss=cfg.loss)
 
 
 def build_mask_generator(cfg: PretrainConfig, grid: tuple[int, int], total_steps: int) -> MaskGenerator:
