@@ -108,10 +108,10 @@ def test_predictor_batched_equals_separate_passes():
     assert not torch.allclose(out[:, 0], out[:, 1])
 
 
-
 def test_predictor_init_choices():
     """trunc_normal: I-JEPA's 0.02 with the residual rescale; xavier: every Linear at
-    sqrt(2 / (fan_in + fan_out)) with zero biases, no rescale; the encoder is never touched."""
+    sqrt(2 / (fan_in + fan_out)) with zero biases, no rescale, and the mask token still at 0.02;
+    the encoder's weights do not depend on the predictor's init."""
     kw = dict(encoder_dim=64, predictor_dim=128, depth=3, num_heads=4)
     ij, xa = Predictor(GRID, **kw), Predictor(GRID, init="xavier", **kw)
     assert ij.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -122,7 +122,6 @@ def test_predictor_init_choices():
         fan_out, fan_in = m.weight.shape
         assert m.weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
         assert not m.bias.any()
-    # same mask token draw and same forward signature: only the Linear weights differ
     assert xa.mask_token.std().item() == pytest.approx(0.02, rel=0.2)
     with pytest.raises(ValueError, match="predictor init must be one of"):
         Predictor(GRID, init="kaiming", **kw)
@@ -132,6 +131,7 @@ def test_predictor_init_choices():
     plain = SpectrogramEncoder(**ENC)
     assert all(torch.equal(a, b) for a, b in zip(m.context_encoder.state_dict().values(),
                                                  plain.state_dict().values()))
+
 
 # --- regularized (key) masking ---------------------------------------------------------
 
