@@ -209,8 +209,8 @@ def _format_pretrain(r: dict) -> str:
     lines = [f"bench pretrain: encoder {e['embed_dim']}/{e['depth']}/{e['num_heads']} (dim/depth/heads), predictor "
              f"{p['embed_dim']}/{p['depth']}/{p['num_heads']}, input {r['input'][0]}x{r['input'][1]} "
              f"({r['grid'][0]}x{r['grid'][1]} patches), batch {r['batch']}, {r['device']}, {r['dtype']}",
-             f"  matmul peak      : {r['peak_flops_per_s'] / 1e9:9.1f} GFLOP/s (measured now, 3 times; "
-             f"spread {r['peak_spread']:.0%})"]
+             f"  matmul peak      : {r['peak_flops_per_s'] / 1e9:9.1f} GFLOP/s (measured now, "
+             f"{len(r['peak_measurements'])} times; spread {r['peak_spread']:.0%})"]
     for mode, m in r["modes"].items():
         lines.append(f"  {mode:5s} masks      : {m['seconds_per_step']:7.3f} s/step  {m['samples_per_s']:8.1f} samples/s  "
                      f"{m['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {m['mfu']:.2f}  "
