@@ -14,5 +14,6 @@ include: "workflow/rules/downstream.smk"
 rule all:
     input:
         expand("data/features/{dataset}", dataset=config["pipeline"]["datasets"]),
-        "models/pretrain/encoder.safetensors",
+        "models/pretrain/context_encoder.safetensors",
+        "models/pretrain/target_encoder.safetensors",
         "results/report.md",

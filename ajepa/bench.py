@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -108,7 +107,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     data loader runs in other processes during training.
     """
     from ajepa import flops
-    from ajepa.train.pretrain import build_model
+    from ajepa.train.pretrain import autocast_for, build_model, train_step
     from ajepa.train.schedules import param_groups
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -124,7 +123,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     if pred:
         cfg = dataclasses.replace(cfg, predictor=dataclasses.replace(cfg.predictor, **pred))
     patch = params.features.patch_size
-    length = target_length or params.dataset(cfg.dataset).target_length
+    length = target_length or params.dataset(cfg.datasets[0]).target_length
     if length % patch:
         raise AjepaError(f"--target-length {length}: must be a multiple of features.patch_size ({patch})")
     grid = (length // patch, params.features.num_mel_bins // patch)
@@ -135,19 +134,10 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay[0]), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), fused=True)
     enc_cfg, pred_cfg, _ = flops.model_configs(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    clip = cfg.optim.grad_clip
+    autocast = autocast_for(dev)
 
     def step_fn(m, o, x, ctx, tgt):
-        o.zero_grad(set_to_none=True)
-        with autocast:
-            loss = m(x, ctx, tgt)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
-        o.step()
-        m.update_target(0.996)
-        return loss.detach()
+        return train_step(m, o, x, ctx, tgt, 0.996, cfg.optim.grad_clip, autocast)
 
     # The peak is measured before, between and after the two timed modes, and each mode's MFU uses
     # the mean of the two peaks around it: a shared VM's speed drifts by 20% or more within a

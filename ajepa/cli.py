@@ -18,14 +18,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
 
     s = sub.add_parser("prepare", help="generate or fetch a dataset and write its manifest")
-    s.add_argument("dataset", help="dataset name under `datasets` in params.yaml: synth, esc50, spc2, spc1, "
-                                   "as20k, as2m, vox1")
+    s.add_argument("dataset", help="dataset name under `datasets` in params.yaml: synth, words, esc50, spc2, "
+                                   "spc1, as20k, as2m, vox1")
     s.add_argument("--source", metavar="PATH", default=None,
                    help="a local archive, or a directory of downloaded files or extracted copies, instead of "
                         "downloading (overrides datasets.DATASET.prepare.source)")
 
     s = sub.add_parser("features", help="log-mel fbank features into memory-mapped shards")
     s.add_argument("dataset")
+
+    s = sub.add_parser("pool", help="list what pretraining takes from one dataset's features")
+    s.add_argument("dataset", help="a dataset of pretrain.datasets")
 
     s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; works under torchrun)")
     s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
@@ -42,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("preset", help="merge a preset (presets/NAME.yaml) into params.yaml, listing what changed")
     s.add_argument("name", help="preset name (smoke, paper) or path to a preset .yaml file")
     s.add_argument("--dry-run", action="store_true", help="list the changes without writing params.yaml")
+
+    sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
     s = sub.add_parser("dag", help="the pipeline's stages, commands and edges; --check compares dvc.yaml with "
                                    "the Snakefile (run in the repository root)")
@@ -84,12 +89,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "dag":
             return _dag(args.check)
+        if args.command == "params-doc":
+            from ajepa import paramdoc
+            print(paramdoc.render(args.params), end="")
+            return 0
         from ajepa.config import load_params
         params = load_params(args.params)
         if args.command == "prepare":
             from ajepa.stages import prepare as stage
         elif args.command == "features":
             from ajepa.stages import features as stage
+        elif args.command == "pool":
+            from ajepa.stages import pool as stage
         elif args.command == "linear":
             from ajepa.stages import linear as stage
         elif args.command == "finetune":

@@ -32,12 +32,12 @@ PARAMS_FILE = "params.yaml"
 class SynthConfig:
     """Generator of the embedded default dataset (see ajepa.data.synth)."""
 
-    seed: int
+    seed: int  # every clip is a pure function of (seed, split, index)
     pool_clips: int  # unlabeled pretraining pool
     clips_per_class: int  # labeled benchmark, spread evenly over the folds
-    num_folds: int
-    duration_s: float
-    sample_rate: int
+    num_folds: int  # cross-validation folds of the labeled benchmark
+    duration_s: float  # clip length in seconds
+    sample_rate: int  # of the generated audio (Hz)
     snr_db: list[float]  # background-noise SNR range [low, high]
     gain_db: list[float]  # overall clip level range [low, high] (a nuisance: it says nothing of the class)
 
@@ -45,16 +45,34 @@ class SynthConfig:
         _positive(self, key, "pool_clips", "clips_per_class", "num_folds", "duration_s", "sample_rate")
         if self.clips_per_class < self.num_folds:
             _bad(key + ".clips_per_class", self.clips_per_class, f"must be at least num_folds ({self.num_folds})")
-        if len(self.snr_db) != 2 or self.snr_db[0] > self.snr_db[1]:
-            _bad(key + ".snr_db", self.snr_db, "must be [low, high] with low <= high")
-        if len(self.gain_db) != 2 or self.gain_db[0] > self.gain_db[1] or self.gain_db[1] > 0:
-            _bad(key + ".gain_db", self.gain_db, "must be [low, high] with low <= high <= 0 (no clipping)")
+        _check_ranges(self, key)
 
 
 @dataclass(frozen=True)
-class SynthDataset:
-    prepare: SynthConfig
-    target_length: int  # frames after pad/crop
+class WordsConfig:
+    """Generator of the embedded spoken-words dataset (see ajepa.data.words)."""
+
+    seed: int  # every clip is a pure function of (seed, split, index)
+    speakers: list[int]  # labeled speakers [train, val, test]: disjoint, so every test voice is new
+    repetitions: int  # times each labeled speaker says each of the ten words
+    pool_clips: int  # unlabeled pretraining pool (pseudo-words of other speakers)
+    pool_speakers: int  # speakers of the pool, none of them a labeled speaker
+    duration_s: float  # clip length in seconds
+    sample_rate: int  # of the generated audio (Hz)
+    snr_db: list[float]  # background-noise SNR range [low, high] against the word's own level
+    gain_db: list[float]  # overall clip level range [low, high]
+    def check(self, key: str) -> None:
+        _positive(self, key, "repetitions", "pool_clips", "pool_speakers", "duration_s", "sample_rate")
+        if len(self.speakers) != 3 or min(self.speakers) < 1:
+            _bad(key + ".speakers", self.speakers, "must be [train, val, test], each at least 1")
+        _check_ranges(self, key)
+
+
+def _check_ranges(cfg, key: str) -> None:
+    if len(cfg.snr_db) != 2 or cfg.snr_db[0] > cfg.snr_db[1]:
+        _bad(key + ".snr_db", cfg.snr_db, "must be [low, high] with low <= high")
+    if len(cfg.gain_db) != 2 or cfg.gain_db[0] > cfg.gain_db[1] or cfg.gain_db[1] > 0:
+        _bad(key + ".gain_db", cfg.gain_db, "must be [low, high] with low <= high <= 0 (no clipping)")
 
 
 @dataclass(frozen=True)
@@ -91,41 +109,30 @@ class AudioSetFetchConfig(FetchConfig):
 
 
 @dataclass(frozen=True)
-class FetchedDataset:
-    prepare: FetchConfig
+class Dataset:
+    """One dataset: how to get it (`prepare`, typed by the dataset: PREPARE_TYPES) and its clip length."""
+
+    prepare: Any  # SynthConfig, WordsConfig, FetchConfig or AudioSetFetchConfig, by name (PREPARE_TYPES)
     target_length: int  # frames after pad/crop
 
 
-@dataclass(frozen=True)
-class AudioSetDataset:
-    prepare: AudioSetFetchConfig
-    target_length: int
-
-
-@dataclass(frozen=True)
-class DatasetsConfig:
-    synth: SynthDataset
-    esc50: FetchedDataset
-    spc2: FetchedDataset
-    spc1: FetchedDataset
-    as20k: AudioSetDataset
-    as2m: AudioSetDataset
-    vox1: FetchedDataset  # VoxCeleb1 speaker identification
+# The `prepare` section each dataset reads; a published dataset not listed here is a plain download.
+PREPARE_TYPES = {"synth": SynthConfig, "words": WordsConfig, "as20k": AudioSetFetchConfig,
+                 "as2m": AudioSetFetchConfig}
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     """The AudioMAE/AST front end and the feature store."""
 
-    sample_rate: int
-    num_mel_bins: int
-    frame_shift_ms: float
-    frame_length_ms: float
+    sample_rate: int  # audio is resampled to this rate (Hz) before the fbank
+    num_mel_bins: int  # mel bins of the Kaldi fbank (AudioMAE/AST: 128)
+    frame_shift_ms: float  # hop between fbank frames (10 ms)
+    frame_length_ms: float  # fbank window (25 ms)
     patch_size: int  # square patches on the (time, frequency) grid
     shard_clips: int  # clips per memory-mapped shard
     num_workers: int  # worker processes; 0 = one per core
-    max_reject_fraction: float
-
+    max_reject_fraction: float  # the stage fails when more clips than this fraction are unreadable
     def check(self, key: str) -> None:
         _positive(self, key, "sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "patch_size",
                   "shard_clips")
@@ -143,12 +150,11 @@ class FeaturesConfig:
 class EncoderConfig:
     """ViT encoder. The paper's ViT-B is 768 / 12 / 12 (ViT-S 384 / 12 / 6, see ajepa.models.SIZES)."""
 
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float
-    drop_path: float
-
+    embed_dim: int  # token width
+    depth: int  # transformer blocks
+    num_heads: int  # attention heads
+    mlp_ratio: float  # MLP hidden width / token width
+    drop_path: float  # stochastic depth in pretraining (the deepest block's rate)
     def check(self, key: str) -> None:
         _positive(self, key, "embed_dim", "depth", "num_heads", "mlp_ratio")
         if self.embed_dim % self.num_heads:
@@ -161,9 +167,11 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class PredictorConfig:
+    """The narrow ViT that predicts target features from context tokens (discarded after pretraining)."""
+
     embed_dim: int  # paper: 512
     depth: int  # paper: 16
-    num_heads: int
+    num_heads: int  # attention heads
     init: Literal["trunc_normal", "xavier"]  # I-JEPA's trunc_normal(0.02), or MAE's decoder init
 
     def check(self, key: str) -> None:
@@ -174,16 +182,17 @@ class PredictorConfig:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    mode: Literal["curriculum", "block", "tf", "inverse"]
-    curriculum_c0: float
-    num_targets: int  # block mode (I-JEPA): 4
-    target_scale: list[float]
-    target_aspect: list[float]
-    context_scale: list[float]
-    tf_num_targets: int  # time-frequency mode (paper): 3
-    tf_scale: list[float]
-    min_keep: int
+    """Context and target masks (ajepa.masks): block (I-JEPA), time-frequency (paper) and the curriculum between them."""
 
+    mode: Literal["curriculum", "block", "tf", "inverse"]  # curriculum (paper) | block (I-JEPA) | tf (time-frequency) | inverse
+    curriculum_c0: float  # curriculum: probability of a TF step at step 0
+    num_targets: int  # block mode (I-JEPA): 4
+    target_scale: list[float]  # block targets: fraction of the patches per target [low, high]
+    target_aspect: list[float]  # block targets: time / frequency extent [low, high]
+    context_scale: list[float]  # the context block's fraction of the patches [low, high], before targets are removed
+    tf_num_targets: int  # time-frequency mode (paper): 3
+    tf_scale: list[float]  # time-frequency targets: fraction of the patches per target [low, high]
+    min_keep: int  # fewest context patches a sample may have
     def check(self, key: str) -> None:
         _positive(self, key, "num_targets", "tf_num_targets", "min_keep")
         if not 0.0 < self.curriculum_c0 <= 1.0:
@@ -199,13 +208,15 @@ class MaskingConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    epochs: int
+    """AdamW, warmup then cosine, weight-decay and EMA schedules stepped once per iteration (I-JEPA)."""
+
+    epochs: int  # passes over the pretraining pool
     batch_size: int  # global batch, split evenly over torchrun processes
-    lr: float
-    final_lr: float
-    warmup_epochs: float
+    lr: float  # peak learning rate (absolute, after warmup)
+    final_lr: float  # learning rate at the end of the cosine
+    warmup_epochs: float  # linear warmup from 0, in epochs
     weight_decay: list[float]  # [start, end], cosine (I-JEPA)
-    betas: list[float]
+    betas: list[float]  # AdamW betas
     grad_clip: float  # 0 disables
     ema_momentum: list[float]  # [start, end], linear per iteration (I-JEPA)
 
@@ -223,15 +234,34 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CurveProbeConfig:
+    """The learning curve: a linear probe of the model being pretrained, every `every` steps and at the end,
+    on the train/val clips (never the test clips) of each pretraining dataset that has labels."""
+
+    every: int  # steps between probes, a multiple of log_every; 0 = no learning curve
+    encoders: list[Literal["target", "context"]]  # which encoders the curve probes: target, context or both
+    l2: list[float]  # logistic-regression strengths, the best on the validation clips kept (as `linear`)
+
+    def check(self, key: str) -> None:
+        if self.every < 0:
+            _bad(key + ".every", self.every, "must be >= 0 (0 = off)")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
-    dataset: str  # a feature store under data/features/
+    """A-JEPA self-supervised pretraining."""
+
+    datasets: list[str]  # feature stores under data/features/ whose clips are pooled for pretraining
     splits: list[Literal["train", "val", "test", "pretrain"]]  # manifest splits used for pretraining
-    seed: int
+    seed: int  # initial weights, batch order and masks
     encoder: EncoderConfig
     predictor: PredictorConfig
     masking: MaskingConfig
     optim: OptimConfig
     loss: Literal["l2", "smooth_l1"]  # paper: mean L2; smooth-L1 as in the I-JEPA code
+    target_layers: int  # targets: the mean of the last K blocks' normalised outputs (paper and I-JEPA: 1)
+    sigreg: float  # weight of LeJEPA's SIGReg term on the context tokens (paper: 0, off)
+    probe: CurveProbeConfig
     checkpoint_every: int  # steps between resumable checkpoints
     log_every: int  # steps between logged points
     num_workers: int  # data-loader worker processes
@@ -242,35 +272,44 @@ class PretrainConfig:
             _bad(key + ".num_workers", self.num_workers, "must be >= 0")
         if not self.splits:
             _bad(key + ".splits", self.splits, "must name at least one split")
+        if not 1 <= self.target_layers <= self.encoder.depth:
+            _bad(key + ".target_layers", self.target_layers, f"must be in [1, encoder.depth = {self.encoder.depth}]")
+        if not 0.0 <= self.sigreg < 1.0:
+            _bad(key + ".sigreg", self.sigreg, "must be in [0, 1): the loss is (1 - w) prediction + w SIGReg")
+        if self.probe.every % self.log_every:
+            _bad(key + ".probe.every", self.probe.every, f"must be a multiple of log_every ({self.log_every})")
+        if not self.datasets or len(set(self.datasets)) != len(self.datasets):
+            _bad(key + ".datasets", self.datasets, "must name at least one dataset, each once")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Full fine-tuning of the pretrained encoder (AudioMAE recipe + A-JEPA's regularized masking)."""
 
-    epochs: int
-    batch_size: int
+    epochs: int  # passes over the training clips (or samples_per_epoch draws)
+    batch_size: int  # clips per step
     lr: float  # peak lr (absolute; AudioMAE writes it as blr * batch / 256)
-    final_lr: float
-    warmup_epochs: float
+    final_lr: float  # learning rate at the end of the cosine
+    warmup_epochs: float  # linear warmup, in epochs
     weight_decay: float  # not on norms, biases, positional tables
     layer_decay: float  # layer-wise lr decay (AudioMAE 0.75): layer l of L gets lr * decay^(L + 1 - l)
-    drop_path: float
+    pooling: Literal["all", "time"]  # head input: mean of every patch (AudioMAE) or over time, frequency kept
+    drop_path: float  # stochastic depth (the deepest block's rate)
     key_mask_ratio: float  # regularized masking (paper 0.1); 0 disables
     specaug_time: int  # max frames of the one time mask per clip (AudioMAE timem); 0 disables
     specaug_freq: int  # max mel bins of the one frequency mask per clip (freqm); 0 disables
     mixup: float  # Beta(a, a) mixup; 0 disables
     roll: bool  # random circular shift along time
-    loss: Literal["ce", "bce"]
+    loss: Literal["ce", "bce"]  # ce (single-label) | bce (multi-label, or mixup on single-label as AudioMAE)
     balanced_sampling: bool  # class-balanced clip weights (multi-label sets, AudioMAE)
     samples_per_epoch: int  # clips drawn per epoch; 0 = one pass over the training clips
     random_init_baseline: bool  # also fine-tune the same architecture from random init
-    seed: int
-
+    runs: int  # the first `runs` runs of the protocol (folds); 0 = all of them
+    seed: int  # head init, batch order, augmentation and the random-init baseline's weights
     def check(self, key: str) -> None:
         _positive(self, key, "epochs", "batch_size", "lr")
         for name in ("final_lr", "warmup_epochs", "weight_decay", "specaug_time", "specaug_freq", "mixup",
-                     "samples_per_epoch"):
+                     "samples_per_epoch", "runs"):
             if getattr(self, name) < 0:
                 _bad(f"{key}.{name}", getattr(self, name), "must be >= 0")
         if not 0.0 < self.layer_decay <= 1.0:
@@ -281,39 +320,49 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneRecipes:
-    """One fine-tuning recipe per benchmark. A benchmark is a dataset with labels: its clips come from
-    the feature store of the same name (AS-20K and AS-2M are two datasets for that reason)."""
+class AttentiveConfig:
+    """V-JEPA's attentive probe on the frozen tokens: AdamW, early stopping on the validation clips."""
 
-    synth: FinetuneConfig
-    esc50: FinetuneConfig
-    spc2: FinetuneConfig
-    spc1: FinetuneConfig
-    as20k: FinetuneConfig
-    as2m: FinetuneConfig
-    vox1: FinetuneConfig
+    epochs: int  # at most; 0 = no attentive probe
+    patience: int  # epochs without a better validation score before stopping
+    batch_size: int  # clips per step
+    lr: float  # AdamW learning rate
+    weight_decay: float  # AdamW weight decay
+    num_heads: int  # heads of the cross-attention
+    def check(self, key: str) -> None:
+        _positive(self, key, "patience", "batch_size", "lr", "num_heads")
+        if self.epochs < 0 or self.weight_decay < 0:
+            _bad(key, {"epochs": self.epochs, "weight_decay": self.weight_decay}, "must be >= 0")
 
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """Frozen-encoder linear evaluation (EVAR-style): one linear layer on standardised embeddings."""
+    """Frozen-encoder probes: logistic regression on pooled embeddings, and the attentive probe."""
 
     embed_batch_size: int  # clips per forward pass when embedding
-    batch_size: int
-    lr: float
-    weight_decay: float
-    max_epochs: int
-    patience: int  # epochs without a better validation score before stopping
-    seed: int
+    pooling: Literal["time", "all"]  # time: mean over time, frequency kept (MSM-MAE, EVAR); all: mean of every patch
+    l2: list[float]  # L2 strengths tried; the best on the validation clips is kept
+    max_iter: int  # L-BFGS iterations per strength
+    seed: int  # of the random-init baseline encoder and the attentive probe
+    attentive: AttentiveConfig
 
     def check(self, key: str) -> None:
-        _positive(self, key, "embed_batch_size", "batch_size", "lr", "max_epochs", "patience")
-        if self.weight_decay < 0:
-            _bad(key + ".weight_decay", self.weight_decay, "must be >= 0")
+        _positive(self, key, "embed_batch_size", "max_iter")
+        if not self.l2 or min(self.l2) <= 0:
+            _bad(key + ".l2", self.l2, "must be a non-empty list of positive strengths")
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """What the linear probe, fine-tuning and the report take from pretraining."""
+
+    encoder: Literal["target", "context"]  # the EMA target encoder (I-JEPA evaluates it) or the context encoder
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """Which datasets and benchmarks the pipeline runs."""
+
     datasets: list[str]  # datasets that prepare@ and features@ run for
     benchmarks: list[str]  # labeled datasets that finetune@ and linear@ run for, in report order
 
@@ -321,45 +370,45 @@ class PipelineConfig:
 @dataclass(frozen=True)
 class Params:
     pipeline: PipelineConfig
-    datasets: DatasetsConfig
+    datasets: dict[str, Dataset]  # by name: the names of ajepa.data.registry
     features: FeaturesConfig
     pretrain: PretrainConfig
+    downstream: DownstreamConfig
     linear: LinearConfig
-    finetune: FinetuneRecipes
+    finetune: dict[str, FinetuneConfig]  # one recipe per benchmark (a benchmark is the dataset of that name)
 
     def check(self, key: str) -> None:
-        known = [f.name for f in dataclasses.fields(DatasetsConfig)]
-        benches = [f.name for f in dataclasses.fields(FinetuneRecipes)]
-        for name in self.pipeline.benchmarks:
-            if name not in benches:
-                _bad("pipeline.benchmarks", name, f"unknown benchmark (known: {', '.join(benches)})")
-        if self.pretrain.dataset not in known:
-            _bad("pretrain.dataset", self.pretrain.dataset, f"unknown dataset (known: {', '.join(known)})")
-        for name in self.pipeline.datasets:
-            if name not in known:
-                _bad("pipeline.datasets", name, f"unknown dataset (known: {', '.join(known)})")
-        for name in known:
-            length = getattr(self.datasets, name).target_length
-            if length <= 0 or length % self.features.patch_size:
-                _bad(f"datasets.{name}.target_length", length,
+        for name in self.datasets:
+            if name not in REGISTRY:
+                _bad("datasets", name, f"unknown dataset (known: {', '.join(REGISTRY)})")
+        for name in self.finetune:
+            if name not in self.datasets:
+                _bad("finetune", name, "no dataset of that name under `datasets` (a benchmark is a dataset)")
+        for where, names, known in (("pipeline.benchmarks", self.pipeline.benchmarks, self.finetune),
+                                    ("pipeline.datasets", self.pipeline.datasets, self.datasets),
+                                    ("pretrain.datasets", self.pretrain.datasets, self.datasets)):
+            for name in names:
+                if name not in known:
+                    _bad(where, name, f"unknown {where.split('.')[1][:-1]} (known: {', '.join(known)})")
+        for name, ds in self.datasets.items():
+            if ds.target_length <= 0 or ds.target_length % self.features.patch_size:
+                _bad(f"datasets.{name}.target_length", ds.target_length,
                      f"must be a positive multiple of features.patch_size ({self.features.patch_size})")
-            prepare = getattr(self.datasets, name).prepare
-            for file_name in getattr(prepare, "checksums", {}):
+            for file_name in getattr(ds.prepare, "checksums", {}):
                 if file_name not in REGISTRY[name].file_names:
-                    _bad(f"datasets.{name}.prepare.checksums.{file_name}", prepare.checksums[file_name],
+                    _bad(f"datasets.{name}.prepare.checksums.{file_name}", ds.prepare.checksums[file_name],
                          f"not a file of {name} (its files: {', '.join(REGISTRY[name].file_names)})")
 
-    def dataset(self, name: str):
-        if name not in {f.name for f in dataclasses.fields(DatasetsConfig)}:
-            raise ConfigError(f"unknown dataset {name!r} (known: {', '.join(f.name for f in dataclasses.fields(DatasetsConfig))})")
-        return getattr(self.datasets, name)
+    def dataset(self, name: str) -> Dataset:
+        if name not in self.datasets:
+            raise ConfigError(f"unknown dataset {name!r} (known: {', '.join(self.datasets)})")
+        return self.datasets[name]
 
     def recipe(self, benchmark: str) -> FinetuneConfig:
         """The fine-tuning recipe of a benchmark (whose clips are the dataset of the same name)."""
-        known = [f.name for f in dataclasses.fields(FinetuneRecipes)]
-        if benchmark not in known:
-            raise ConfigError(f"unknown benchmark {benchmark!r} (known: {', '.join(known)})")
-        return getattr(self.finetune, benchmark)
+        if benchmark not in self.finetune:
+            raise ConfigError(f"unknown benchmark {benchmark!r} (known: {', '.join(self.finetune)})")
+        return self.finetune[benchmark]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +459,12 @@ def _positive(section: Any, key: str, *names: str) -> None:
 
 
 def _build(tp: Any, value: Any, key: str) -> Any:
+    if tp is Dataset and isinstance(value, dict) and isinstance(value.get("prepare"), dict):
+        # the prepare section's type follows the dataset's name (the last part of the key)
+        prepare_type = PREPARE_TYPES.get(key.rsplit(".", 1)[-1], FetchConfig)
+        value = {**value, "prepare": _build(prepare_type, value["prepare"], _join(key, "prepare"))}
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -51,7 +51,7 @@ def persistent_outputs(benchmarks: list[str]) -> dict[str, str]:
     """DVC-only outputs: resumable state and files a resumed run appends to. Path -> why."""
     out = {
         paths.pretrain_state_dir().as_posix(): "resumable pretraining checkpoint",
-        (paths.pretrain_results() / "live" / "plots" / "metrics").as_posix(): "pretraining curves, appended on resume",
+        (paths.pretrain_live_dir() / "plots" / "metrics").as_posix(): "pretraining curves, appended on resume",
     }
     for b in benchmarks:
         out[paths.finetune_state_dir(b).as_posix()] = "resumable fine-tuning runs"

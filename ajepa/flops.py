@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["matmul_peak_flops", "encoder_forward_flops", "predictor_forward_flops", "ajepa_step_flops",
-           "model_configs", "measure_step", "train_step", "configure_cpu_threads", "cpu_busy_fraction"]
+           "model_configs", "measure_step", "configure_cpu_threads", "cpu_busy_fraction"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,28 +204,17 @@ def model_configs(model) -> tuple[dict, dict, tuple[int, int]]:
 # timing real steps
 
 
-def train_step(model, optimizer, x: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
-               momentum: float = 0.996) -> torch.Tensor:
-    """One A-JEPA step: target forward (no_grad), context forward + predictor, loss, backward,
-    optimizer step, EMA update of the target encoder. Returns the (detached) loss."""
-    optimizer.zero_grad(set_to_none=True)
-    target = model.forward_target(x, target_idx)
-    loss = model.loss(model.forward_context(x, context_idx, target_idx), target)
-    loss.backward()
-    optimizer.step()
-    model.update_target(momentum)
-    return loss.detach()
-
-
 def measure_step(model, optimizer, batch_maker: Callable[[int], tuple], steps: int = 10, warmup: int = 2,
                  momentum: float = 0.996, step_fn: Callable | None = None, reduce: str = "median") -> float:
-    """Seconds per real training step (`train_step`, or `step_fn(model, optimizer, *batch)`).
+    """Seconds per real training step (the pretraining loop's `train_step`, or `step_fn(model, optimizer,
+    *batch)`).
 
     batch_maker(i) -> (x, context_idx, target_idx) for step i (build batches up front: mask
     generation is data-loader work and is not timed). `warmup` untimed steps first; then each
     of `steps` steps is timed on its own (CUDA synchronised) and the median (reduce="median")
     or mean ("mean") is returned. The model is put in train mode.
     """
+    from ajepa.train.pretrain import train_step
     model.train()
     step_fn = step_fn or (lambda m, o, *b: train_step(m, o, *b, momentum=momentum))
     params = list(model.parameters())

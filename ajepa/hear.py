@@ -1,12 +1,13 @@
 """The HEAR 2021 common API over an exported A-JEPA encoder, so hear-eval-kit can score it.
 
     import ajepa.hear as hear
-    model = hear.load_model("models/pretrain/encoder.safetensors", mean=-6.63, std=5.36)
-    scene = hear.get_scene_embeddings(audio, model)                 # [n_sounds, embed_dim]
-    emb, ts = hear.get_timestamp_embeddings(audio, model)           # [n_sounds, n_ts, embed_dim], [n_sounds, n_ts]
+    model = hear.load_model("models/pretrain/target_encoder.safetensors", mean=-5.10, std=3.80)
+    scene = hear.get_scene_embeddings(audio, model)                 # [n_sounds, n_freq * embed_dim]
+    emb, ts = hear.get_timestamp_embeddings(audio, model)           # [n_sounds, n_ts, n_freq * embed_dim], ts
 
 `audio` is float32 [n_sounds, n_samples] in [-1, 1] at 16 kHz, of any length; outputs are float32 on
-the model's device, timestamps in milliseconds from the start of the audio.
+the model's device, timestamps in milliseconds from the start of the audio. Embeddings are n_freq x
+embed_dim wide (8 x 192 = 1,536 for the embedded default, 8 x 768 = 6,144 for ViT-B on 128 mel bins).
 
 Front end: the pipeline's own (`ajepa.data.frontend`): Kaldi fbank of each sound, zero-padded in the
 fbank domain, rounded to float16 as the feature store keeps it, then normalised with (mean, std). The
@@ -14,8 +15,9 @@ export does not carry the statistics, so pass those of the features the encoder 
 (`data/features/DATASET/stats.json`, keys "mean"/"std"); the default is AudioSet's published pair.
 
 Time resolution: a patch spans 16 frames (175 ms of audio: 15 hops of 10 ms plus one 25 ms frame)
-and the encoder sees a fixed grid of T patches. One embedding per time patch is its column of tokens
-averaged over frequency. To reach a 40 ms hop the fbank is cut into grid-length windows four times,
+and the encoder sees a fixed grid of T patches. One embedding per time patch is its column of tokens,
+the frequency patches concatenated (low to high): averaging them would sum every band through the same
+patch projection and lose where in frequency the energy is (MSM-MAE and EVAR keep the bands too). To reach a 40 ms hop the fbank is cut into grid-length windows four times,
 starting at frames 0, 4, 8 and 12, and the four sets of patch embeddings are interleaved: embedding
 k comes from the patch on frames 4k .. 4k+15 and is stamped with that patch's centre, 40 k + 87.5 ms.
 Patches never start before the audio, because the encoder never saw leading padding in training; so
@@ -26,7 +28,8 @@ encoder saw at the end of short clips. A sound shorter than 87.5 ms gets one emb
 87.5 ms all the same. A sound longer than a window is covered by consecutive windows, each encoded
 on its own (no attention across window borders).
 
-Scene embedding: the mean of the timestamp embeddings, i.e. of all four shifted encodings.
+Scene embedding: the mean of the timestamp embeddings, i.e. of all four shifted encodings: the tokens
+averaged over time with the frequency patches kept, as the linear probe reads them.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ class HearModel(nn.Module):
             raise AjepaError(f"std and max_windows must be positive, got {std} and {max_windows}")
         self.encoder = encoder.eval()
         self.mean, self.std, self.max_windows = float(mean), float(std), int(max_windows)
-        self.scene_embedding_size = self.timestamp_embedding_size = int(encoder.embed_dim)
+        self.scene_embedding_size = self.timestamp_embedding_size = int(n_freq * encoder.embed_dim)
         hop = self.frontend.sample_rate * self.frontend.frame_shift_ms / 1000  # 160 samples
         window = self.frontend.min_samples  # 400 samples
         # in samples: the span of frames 0..patch-1 is [0, (patch - 1) * hop + window)
@@ -103,9 +106,10 @@ class HearModel(nn.Module):
         return normalize(fbanks.half().float(), self.mean, self.std)
 
     def _time_patch_embeddings(self, windows: torch.Tensor) -> torch.Tensor:
-        """[n, window frames, mel] -> one embedding per time patch [n, n_time, D], the mean over frequency."""
+        """[n, window frames, mel] -> one embedding per time patch [n, n_time, n_freq * D], its frequency
+        patches concatenated."""
         n_time, n_freq = self.encoder.grid
-        return self.encoder(windows).reshape(len(windows), n_time, n_freq, -1).mean(2)
+        return self.encoder(windows).reshape(len(windows), n_time, n_freq * self.encoder.embed_dim)
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +119,7 @@ class HearModel(nn.Module):
             raise AjepaError("audio contains NaN or infinite samples")
         device = self.encoder.pos_embed.device
         n_sounds, n_samples = audio.shape
-        n_time, patch, dim = self.encoder.grid[0], self.encoder.patch_size, self.encoder.embed_dim
+        n_time, patch, dim = self.encoder.grid[0], self.encoder.patch_size, self.timestamp_embedding_size
         shifts = patch // HOP_FRAMES
         n_ts = self.num_timestamps(n_samples)
         n_windows = math.ceil(math.ceil(n_ts / shifts) / n_time)

@@ -240,10 +240,6 @@ class MaskGenerator:
         p_tf = p if self.mode == "curriculum" else 1.0 - p
         return "tf" if torch.rand((), generator=g, dtype=torch.float64).item() < p_tf else "block"
 
-    def mode_at(self, step: int) -> str:
-        """The mode ``__call__`` will use at ``step`` (cheap: draws no masks)."""
-        return self._draw_mode(self._generator(step), step)
-
     def __call__(self, batch_size: int, step: int) -> Masks:
         g = self._generator(step)
         if self._draw_mode(g, step) == "tf":

@@ -27,6 +27,11 @@ def features_dir(dataset: str) -> Path:
     return DATA / "features" / dataset
 
 
+def pool_file(dataset: str) -> Path:
+    """What pretraining takes from one dataset (ajepa.stages.pool)."""
+    return DATA / "pool" / f"{dataset}.json"
+
+
 def pretrain_dir() -> Path:
     return Path("models") / "pretrain"
 
@@ -40,9 +45,14 @@ def pretrain_results() -> Path:
     return Path("results") / "pretrain"
 
 
-def pretrained_encoder() -> Path:
-    """What pretraining exports and every downstream stage loads."""
-    return pretrain_dir() / "encoder.safetensors"
+def pretrain_live_dir() -> Path:
+    """Pretraining curves (DVCLive), appended to by a resumed run."""
+    return pretrain_results() / "live"
+
+
+def pretrained_encoder(which: str) -> Path:
+    """What pretraining exports: the context encoder or the target (EMA) encoder."""
+    return pretrain_dir() / f"{which}_encoder.safetensors"
 
 
 def embeddings_dir(benchmark: str) -> Path:

@@ -74,26 +74,44 @@ def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str)
     _save(fig, path)
 
 
-def _read_tsv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    rows = [ln.split("\t") for ln in path.read_text().splitlines()]
-    head, body = rows[0], rows[1:]
-    step = head.index("step")
-    value = head.index(path.stem) if path.stem in head else len(head) - 1  # DVCLive names it after the metric
-    return (np.array([float(r[step]) for r in body]), np.array([float(r[value]) for r in body]))
-
-
 def plot_pretrain_curves(curves_dir: Path, path: Path) -> None:
-    """The DVCLive training curves (loss, lr, EMA momentum, TF fraction) on one page."""
-    names = [n for n in ("loss", "lr", "ema_momentum", "tf_fraction") if (curves_dir / f"{n}.tsv").exists()]
+    """The DVCLive training curves (loss, target rank, lr, EMA momentum, TF fraction) on one page."""
+    names = [n for n in ("loss", "target_rank", "lr", "ema_momentum", "tf_fraction")
+             if (curves_dir / f"{n}.tsv").exists()]
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.6 * max(len(names), 1), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):
-        x, y = _read_tsv(curves_dir / f"{name}.tsv")
-        ax.plot(x, y, lw=1.2)
+        curve = read_curve(curves_dir / f"{name}.tsv")
+        ax.plot(curve.index, curve.values, lw=1.2)
         ax.set_xlabel("step")
         ax.set_title(name.replace("_", " "), fontsize=9)
         if name == "loss":
             ax.set_yscale("log")
     fig.suptitle("A-JEPA pretraining", fontsize=10)
+    _save(fig, path)
+
+
+def read_curve(path: Path):
+    """A DVCLive metric file (TSV: timestamp, step, value named after the metric) as a pandas Series by step."""
+    import pandas as pd
+    table = pd.read_csv(path, sep="\t")
+    return table.set_index("step")[path.stem]
+
+
+def learning_curves(curves_dir: Path) -> dict[str, "object"]:
+    """{"BENCH/ENCODER": Series by step} from the `probe/...` metrics of the pretraining curves."""
+    root = curves_dir / "probe"
+    return {f"{p.parent.name}/{p.stem}": read_curve(p) for p in sorted(root.glob("*/*.tsv"))} if root.is_dir() else {}
+
+
+def plot_learning_curve(curves: dict, path: Path) -> None:
+    """The learning-curve probe: validation score of each benchmark x encoder against pretraining steps."""
+    fig, ax = plt.subplots(figsize=(5.0, 3.2))
+    for name, series in curves.items():
+        ax.plot(series.index, series.values, marker="o", lw=1.2, label=name.replace("/", ", ") + " encoder")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("validation score (%)")
+    ax.legend(fontsize=7)
+    ax.set_title("Learning curve: linear probe of the model being pretrained", fontsize=9)
     _save(fig, path)
 
 

@@ -13,7 +13,7 @@ def test_repository_params_parse():
     p = load_params(REPO / "params.yaml")
     assert p.features.sample_rate == 16000 and p.features.num_mel_bins == 128
     assert "synth" in p.pipeline.datasets
-    assert p.datasets.synth.target_length % p.features.patch_size == 0
+    assert p.datasets["synth"].target_length % p.features.patch_size == 0
 
 
 def _error(mutate) -> str:
@@ -116,8 +116,18 @@ def test_pretrain_scale_above_one():
     assert "pretrain.masking.context_scale" in _error(lambda r: r["pretrain"]["masking"].update(context_scale=[0.9, 1.2]))
 
 
-def test_pretrain_dataset_must_exist():
-    assert "pretrain.dataset = 'audioset'" in _error(lambda r: r["pretrain"].update(dataset="audioset"))
+def test_pretrain_datasets_must_exist():
+    assert "pretrain.datasets = 'audioset'" in _error(lambda r: r["pretrain"].update(datasets=["synth", "audioset"]))
+    assert "pretrain.datasets = ['synth', 'synth']" in _error(lambda r: r["pretrain"].update(datasets=["synth", "synth"]))
+
+
+def test_probe_every_is_a_multiple_of_log_every():
+    msg = _error(lambda r: r["pretrain"]["probe"].update(every=7))
+    assert "pretrain.probe.every = 7: must be a multiple of log_every (5)" in msg
+
+
+def test_target_layers_within_the_encoder():
+    assert "pretrain.target_layers = 9" in _error(lambda r: r["pretrain"].update(target_layers=9))
 
 
 PUBLISHED = ["esc50", "spc2", "spc1", "as20k", "as2m", "vox1"]
@@ -128,10 +138,10 @@ def test_published_datasets_match_the_registry():
     p = load_params(REPO / "params.yaml")
     for name in PUBLISHED:
         ds = p.dataset(name)
-        assert ds.target_length == REGISTRY[name].target_length  # DESIGN.md: 512 / 128 / 1024
+        assert ds.target_length == REGISTRY[name].target_length  # AudioMAE/AST: 512 / 128 / 1024
         assert ds.prepare.source is None and ds.prepare.mirror is None and ds.prepare.checksums == {}
         p.recipe(name)  # every benchmark has a fine-tuning recipe
-    assert p.finetune.as2m.samples_per_epoch == 200_000 and p.finetune.as2m.balanced_sampling
+    assert p.finetune["as2m"].samples_per_epoch == 200_000 and p.finetune["as2m"].balanced_sampling
 
 
 def test_every_benchmark_may_be_listed():
@@ -167,8 +177,8 @@ def test_audioset_keys_are_required():
 
 
 def test_pretrain_splits_must_be_known():
-    msg = _error(lambda r: r["pretrain"].update(dataset="as2m", splits=["train", "unbalanced"]))
+    msg = _error(lambda r: r["pretrain"].update(datasets=["as2m"], splits=["train", "unbalanced"]))
     assert "pretrain.splits[1] = 'unbalanced'" in msg and "'pretrain'" in msg
     raw = load_repo_params()
-    raw["pretrain"].update(dataset="as2m", splits=["train", "val"])
+    raw["pretrain"].update(datasets=["as2m"], splits=["train", "val"])
     assert parse_params(raw).pretrain.splits == ["train", "val"]

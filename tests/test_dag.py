@@ -79,7 +79,7 @@ def project(tmp_path_factory):
 
 def test_repository_dag_agrees(project):
     r = run(["ajepa", "dag", "--check"], project)
-    assert "agree: 6 stages, 9 edges" in r.stdout
+    assert "agree: 12 stages, 19 edges" in r.stdout  # prepare, features, pool x 2 datasets; linear, finetune x 2
     table = run(["ajepa", "dag"], project).stdout
     assert re.search(r"^finetune@synth\s+ajepa finetune synth\s+<- features@synth, pretrain$", table, re.M)
 
@@ -100,7 +100,7 @@ def test_altered_copy_fails_the_check(project, tmp_path):
     assert "stage finetune@synth: command `ajepa finetune synth` in dvc.yaml" in r.stderr
     assert "stage report: input ajepa/plots.py only in dvc.yaml" in r.stderr
     assert "stage linear@synth: output data/embeddings/synth" in r.stderr and "persist: true" in r.stderr
-    assert "differ in 3 place(s)" in r.stderr
+    assert "differ in 5 place(s)" in r.stderr  # finetune and linear of both benchmarks, and the report
 
 
 def test_dag_refuses_what_it_cannot_resolve(project, tmp_path):
@@ -124,7 +124,7 @@ INFRASTRUCTURE = {"ajepa/config.py", "ajepa/errors.py", "ajepa/atomic.py", "ajep
 
 # Imported but not run by the stage: the feature store imports manifest.STATS_SPLITS for extraction
 # (features@ depends on it); reading a store never uses it.
-NOT_READ = {stage: {"ajepa/data/manifest.py"} for stage in ("pretrain", "linear", "finetune")}
+NOT_READ = {stage: {"ajepa/data/manifest.py"} for stage in ("pool", "pretrain", "linear", "finetune")}
 
 
 def _package_marker(path) -> bool:
@@ -172,8 +172,8 @@ def _closure(path) -> set[str]:
     return {p.relative_to(REPO).as_posix() for p in seen}
 
 
-@pytest.mark.parametrize("stage", ["prepare@synth", "features@synth", "pretrain", "linear@synth", "finetune@synth",
-                                   "report"])
+@pytest.mark.parametrize("stage", ["prepare@synth", "features@synth", "pool@synth", "pretrain", "linear@synth",
+                                   "finetune@synth", "report"])
 def test_stage_code_deps_cover_what_the_stage_imports(stage):
     """Editing any module a stage runs reruns that stage (dvc.yaml deps; the parity check extends this
     to the Snakefile)."""

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from ajepa.config import load_params
-from ajepa.downstream.linear import evaluate_embeddings, fit_probe
+from ajepa.downstream.linear import AttentiveProbe, evaluate_embeddings, evaluate_tokens, fit_attentive, fit_probe
 from ajepa.downstream.protocols import Task, eval_splits
 from ajepa.errors import AjepaError
+from ajepa.models import pool_tokens
 from conftest import REPO
 
-LINEAR = dataclasses.replace(load_params(REPO / "params.yaml").linear, max_epochs=60, patience=8)
+LINEAR = load_params(REPO / "params.yaml").linear
+L2 = LINEAR.l2
 
 
 def _folds_index(n_folds=5, per_fold=7):
@@ -61,38 +63,44 @@ def _single_label_case(seed=0, n=240, classes=4, dim=16, signal=1.5):
     return emb, torch.as_tensor(y), index
 
 
-def test_early_stopping_and_selection_look_at_validation_only():
+def test_strength_selection_looks_at_validation_only():
     emb, y, index = _single_label_case()
     task = _task(y, "splits", 4, index)
     split = task.splits[0]
-    first = fit_probe(task, emb, split, LINEAR)
-    assert first["accuracy"] > 60 and first["val_accuracy"] > 60
-    # the test labels change: the stopping point, the chosen weights' validation score stay the same
+    first = fit_probe(task, emb, split, L2)
+    assert first["accuracy"] > 60 and first["val_accuracy"] > 60 and first["l2"] in L2
+    # the test labels change: the chosen strength and its validation score stay the same
     y2 = y.clone()
-    y2[split.test] = y[split.test][torch.randperm(len(split.test), generator=torch.Generator().manual_seed(1))]
-    y2[split.test] = (y2[split.test] + 1) % 4
-    second = fit_probe(_task(y2, "splits", 4, index), emb, split, LINEAR)
-    assert (second["best_epoch"], second["epochs_run"], second["val_accuracy"]) == \
-           (first["best_epoch"], first["epochs_run"], first["val_accuracy"])
-    assert second["accuracy"] != first["accuracy"]
-    # the validation labels change: so does the choice
+    y2[split.test] = (y[split.test] + 1) % 4
+    second = fit_probe(_task(y2, "splits", 4, index), emb, split, L2)
+    assert (second["l2"], second["val_accuracy"]) == (first["l2"], first["val_accuracy"])
+    assert second["accuracy"] < 40 < first["accuracy"]
+    # the validation labels change: so does the validation score the choice rests on
     y3 = y.clone()
     y3[split.val] = (y[split.val] + 1) % 4
-    third = fit_probe(_task(y3, "splits", 4, index), emb, split, LINEAR)
-    assert third["val_accuracy"] < 40 and third["best_epoch"] != first["best_epoch"]
+    third = fit_probe(_task(y3, "splits", 4, index), emb, split, L2)
+    assert third["val_accuracy"] < 40
 
 
-def test_patience_stops_the_probe_early():
-    emb, y, index = _single_label_case(signal=0.0)  # nothing to learn: validation stops improving
-    r = fit_probe(_task(y, "splits", 4, index), emb, eval_splits(index, "splits")[0],
-                  dataclasses.replace(LINEAR, max_epochs=500, patience=3))
-    assert r["epochs_run"] < 500 and r["epochs_run"] - r["best_epoch"] == 3
+def test_weaker_l2_fits_the_training_clips_closer():
+    """The grid spans under- to over-regularised fits: on pure noise the weakest strength memorises the
+    training clips and the validation set then prefers a strong one (nothing generalises)."""
+    emb, y, index = _single_label_case(signal=0.0, dim=64)
+    task = _task(y, "splits", 4, index)
+    split = task.splits[0]
+    train_acc = {}
+    for l2 in (10.0, 1e-4):
+        r = fit_probe(_task(y, "splits", 4, index), emb,
+                      type(split)(split.name, split.train, split.val, split.train), [l2])  # score the train clips
+        train_acc[l2] = r["accuracy"]
+    assert train_acc[1e-4] > 95 and train_acc[10.0] < train_acc[1e-4] - 20
 
 
 def test_folds_probe_gives_mean_and_std_over_folds():
     emb, y, _ = _single_label_case()
     index = _folds_index(per_fold=48)
     summary = evaluate_embeddings(_task(y, "folds", 4, index), emb, LINEAR)
+    assert all(r["l2"] in L2 for r in summary["runs"])
     runs = [r["accuracy"] for r in summary["runs"]]
     assert len(runs) == 5 and summary["accuracy"] == pytest.approx(np.mean(runs), abs=0.01)
     assert summary["std"] == pytest.approx(np.std(runs), abs=0.01)
@@ -109,6 +117,52 @@ def test_multilabel_probe_reports_map_mauc_and_d_prime():
     summary = evaluate_embeddings(_task(torch.as_tensor(y), "multilabel", classes, index), emb, LINEAR)
     assert 60 < summary["mAP"] <= 100 and 0.8 < summary["mAUC"] <= 1.0
     assert summary["d_prime"] > 1.0 and set(summary["runs"][0]) >= {"mAP", "mAUC", "d_prime"}
+
+
+def test_time_pooling_keeps_frequency_bands():
+    """Tokens of a known 3 (time) x 2 (freq) grid: "time" averages each band's column over time and
+    concatenates the bands; "all" averages every token."""
+    tokens = torch.arange(3 * 2 * 2, dtype=torch.float32).reshape(1, 6, 2)  # patch t * 2 + f, D = 2
+    # band f=0: patches 0, 2, 4 -> tokens [0,1], [4,5], [8,9]; band f=1: patches 1, 3, 5 -> [2,3], [6,7], [10,11]
+    assert pool_tokens(tokens, (3, 2), "time").tolist() == [[4.0, 5.0, 6.0, 7.0]]
+    assert pool_tokens(tokens, (3, 2), "all").tolist() == [[5.0, 6.0]]
+
+
+def _where_case(n=480, patches=12, dim=8, seed=0):
+    """A task mean pooling cannot solve: every clip has two marked tokens at random places, one with
+    dims 0, 1 at +3 and one at -3, the rest noise; the class is the sign of dim 2 *on the token whose
+    dim 0 is positive* (the other marked token carries the opposite sign). The mean over tokens sums
+    dim 2 of both marked tokens to 0 whatever the class; a query that attends to dim 0 > 0 reads it."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=0.3, size=(n, patches, dim)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    for i in range(n):
+        a, b = rng.choice(patches, 2, replace=False)
+        sign = 1.0 if y[i] else -1.0
+        x[i, a, :3] = [3.0, 3.0, 3.0 * sign]
+        x[i, b, :3] = [-3.0, -3.0, -3.0 * sign]
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
+    index = pd.DataFrame({"clip_id": [f"c{i}" for i in range(n)], "split": split})
+    return x, torch.as_tensor(y), index
+
+
+def test_attentive_probe_reads_what_mean_pooling_cannot():
+    tokens, y, index = _where_case()
+    task = _task(y, "splits", 2, index)
+    mean = fit_probe(task, tokens.mean(1), task.splits[0], L2)
+    attentive = evaluate_tokens(task, tokens.astype(np.float16), dataclasses.replace(
+        LINEAR, attentive=dataclasses.replace(LINEAR.attentive, epochs=60, patience=15)))
+    assert mean["accuracy"] < 65  # chance is 50
+    assert attentive["accuracy"] > 90 and attentive["runs"][0]["best_epoch"] <= attentive["runs"][0]["epochs_run"]
+
+
+def test_attentive_probe_is_seeded():
+    tokens, y, index = _where_case(n=96)
+    task = _task(y, "splits", 2, index)
+    cfg = dataclasses.replace(LINEAR.attentive, epochs=3, patience=3)
+    assert fit_attentive(task, tokens, task.splits[0], cfg, seed=1) == fit_attentive(task, tokens, task.splits[0],
+                                                                                     cfg, seed=1)
+    assert AttentiveProbe(8, 2)(torch.zeros(3, 5, 8)).shape == (3, 2)
 
 
 class _Stats:

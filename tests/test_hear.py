@@ -40,10 +40,12 @@ def exported(tmp_path_factory):
 def test_model_attributes(model):
     assert isinstance(model, torch.nn.Module)
     assert type(model.sample_rate) is int and model.sample_rate == SR
-    assert type(model.scene_embedding_size) is int and model.scene_embedding_size == TINY["embed_dim"]
-    assert type(model.timestamp_embedding_size) is int and model.timestamp_embedding_size == TINY["embed_dim"]
+    # one token per frequency patch, concatenated: 8 bands x embed_dim
+    width = TINY["grid"][1] * TINY["embed_dim"]
+    assert type(model.scene_embedding_size) is int and model.scene_embedding_size == width
+    assert type(model.timestamp_embedding_size) is int and model.timestamp_embedding_size == width
     default = hear.load_model()
-    assert default.scene_embedding_size == hear.DEFAULT_ENCODER["embed_dim"]
+    assert default.scene_embedding_size == hear.DEFAULT_ENCODER["grid"][1] * hear.DEFAULT_ENCODER["embed_dim"]
     assert default.encoder.grid == tuple(hear.DEFAULT_ENCODER["grid"])
 
 
@@ -106,7 +108,7 @@ def test_exported_encoder_weights_and_front_end_are_used(exported, model):
     assert not torch.allclose(emb, hear.get_timestamp_embeddings(audio, hear.load_model(
         encoder_config=TINY, mean=mean, std=std))[0], atol=1e-2)
     # reference: the pipeline's fbank, zero-padded and float16 as the feature store keeps it, encoded
-    # window by window; embedding k is the frequency-mean of the patch on frames 4k..4k+15
+    # window by window; embedding k is the column of frequency patches on frames 4k..4k+15, concatenated
     n_time = TINY["grid"][0]
     window = n_time * 16
     fbank = pad_or_crop(FrontEnd().fbank(audio), 12 + 8 * window)  # zeros past the end
@@ -117,7 +119,7 @@ def test_exported_encoder_weights_and_front_end_are_used(exported, model):
         first = 4 * k - 16 * patch
         if first not in windows:
             with torch.no_grad():
-                windows[first] = encoder(frames[None, first:first + window])[0].reshape(n_time, 8, -1).mean(1)
+                windows[first] = encoder(frames[None, first:first + window])[0].reshape(n_time, -1)
         assert torch.allclose(emb[0, k], windows[first][patch], atol=1e-5), k
     assert len(windows) == 4 * 3  # 4 shifts x 3 windows for 35 embeddings
 

@@ -230,7 +230,7 @@ def test_curriculum_probability():
 def test_mode_fractions(mode, expected):
     S = 3000
     gen = MaskGenerator((12, 8), mode=mode, total_steps=S, seed=5)
-    modes = [gen.mode_at(s) for s in range(S)]
+    modes = [gen(1, s).mode for s in range(S)]
     frac = modes.count("tf") / S
     assert frac == pytest.approx(expected, abs=0.04)
     early, late = modes[: S // 10].count("tf"), modes[-S // 10 :].count("tf")
@@ -238,7 +238,7 @@ def test_mode_fractions(mode, expected):
         assert early < late
     if mode == "inverse":
         assert early > late
-    for s in range(0, S, 300):  # mode_at predicts __call__
+    for s in range(0, S, 300):  # the mode depends on the step, not on the batch size
         assert gen(2, s).mode == modes[s]
 
 

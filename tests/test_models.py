@@ -143,41 +143,69 @@ def test_random_key_mask_counts():
     assert ((~random_key_mask(1, 4, 1.0)).sum() == 3)  # never hides every key
 
 
+def attention_reference(attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
+    """timm's Attention written out (no fused kernel): (output [B, N, C], probabilities [B, H, N, N])."""
+    B, N, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(B, N, -1)
+    return attn.proj(attn.norm(out)), probs
+
+
+@pytest.fixture
+def drawn_masks(monkeypatch):
+    """Every key mask the blocks draw, in order (the library keeps none)."""
+    from ajepa.models import attention
+    drawn, draw = [], attention.random_key_mask
+
+    def recording(*a, **kw):
+        m = draw(*a, **kw)
+        drawn.append(m)
+        return m
+    monkeypatch.setattr(attention, "random_key_mask", recording)
+    return drawn
+
+
 def test_masked_keys_get_zero_attention_and_fused_matches_reference():
     blk = KeyMaskBlock(32, 4, qkv_bias=True)
     x = torch.randn(2, 12, 32)
     mask = random_key_mask(2, 12, 0.25)
-    out_ref, probs = blk.attn.forward_with_probs(x, mask)
+    out_ref, probs = attention_reference(blk.attn, x, mask)
     assert probs.shape == (2, 4, 12, 12)
     hidden = (~mask).expand_as(probs)
     assert (probs[hidden] == 0).all() and (probs[~hidden] > 0).all()
     assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 12))
     assert torch.allclose(blk.attn(x, attn_mask=mask), out_ref, atol=1e-5)  # fused SDPA path
-    assert torch.allclose(blk.attn(x), blk.attn.forward_with_probs(x)[0], atol=1e-5)
+    assert torch.allclose(blk.attn(x), attention_reference(blk.attn, x)[0], atol=1e-5)
 
 
-def test_block_applies_its_drawn_mask():
+def test_block_applies_its_drawn_mask(drawn_masks):
     blk = KeyMaskBlock(32, 4, qkv_bias=True).train()
     x = torch.randn(2, 12, 32)
     out = blk(x, key_mask_ratio=0.25)
-    mask = blk.last_key_mask
-    h = x + blk.attn.forward_with_probs(blk.norm1(x), mask)[0]
+    (mask,) = drawn_masks
+    h = x + attention_reference(blk.attn, blk.norm1(x), mask)[0]
     assert torch.allclose(out, h + blk.mlp(blk.norm2(h)), atol=1e-5)
 
 
-def test_key_mask_fresh_per_layer_and_call_and_train_only():
+def test_key_mask_fresh_per_layer_and_call_and_train_only(drawn_masks):
     enc = SpectrogramEncoder(**{**ENC, "depth": 3}).train()
     x = spec()
     y1 = enc(x, key_mask_ratio=0.25)
-    m1 = [b.last_key_mask.clone() for b in enc.blocks]
-    assert all(((~m).sum(-1) == 8).all() for m in m1)  # floor(0.25 * 32) hidden per sample
+    m1 = list(drawn_masks)
+    assert len(m1) == 3 and all(((~m).sum(-1) == 8).all() for m in m1)  # floor(0.25 * 32) hidden per sample
     assert not torch.equal(m1[0], m1[1]) and not torch.equal(m1[1], m1[2])
     y2 = enc(x, key_mask_ratio=0.25)
-    assert not torch.equal(m1[0], enc.blocks[0].last_key_mask) and not torch.allclose(y1, y2)
+    assert not torch.equal(m1[0], drawn_masks[3]) and not torch.allclose(y1, y2)
 
+    drawn_masks.clear()
     plain = enc.eval()(x)
     assert torch.equal(enc(x, key_mask_ratio=0.25), plain)  # eval: off
-    assert all(b.last_key_mask is None for b in enc.blocks)
+    assert drawn_masks == []  # no mask was drawn
     assert torch.equal(enc.train()(x, key_mask_ratio=0.0), plain)  # ratio 0: exactly plain
 
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
@@ -261,3 +289,37 @@ def test_effective_rank_tells_collapse_from_spread():
     two = torch.zeros(64, 32, 16)
     two[..., 0], two[..., 1] = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
     assert effective_rank(3.0 * two) == pytest.approx(2.0, abs=0.05)
+
+
+def test_position_only_predictor_is_the_running_mean_per_position():
+    from ajepa.models import PositionOnlyPredictor
+    table = PositionOnlyPredictor(num_patches=3, dim=2, momentum=0.5)
+    idx = torch.tensor([[0, 1], [0, 2]])
+    first = torch.tensor([[[1.0, 1.0], [2.0, 0.0]], [[3.0, 3.0], [4.0, 4.0]]])
+    assert math.isnan(table.loss_and_update(first, idx))  # nothing seen yet
+    assert table.mean.tolist() == [[2.0, 2.0], [2.0, 0.0], [4.0, 4.0]] and table.count.tolist() == [2, 1, 1]
+    second = torch.tensor([[[2.0, 2.0], [2.0, 0.0]], [[2.0, 2.0], [6.0, 4.0]]])
+    # the loss is that of the table before it sees these targets: only position 2 is off, by 2 in one dim
+    assert table.loss_and_update(second, idx) == pytest.approx(4.0 / 8)
+    # cumulative mean while 1/count > 1 - momentum, then the EMA rate: position 0 had 2, now 2 more -> 1/2
+    assert table.mean[0].tolist() == [2.0, 2.0] and table.mean[2].tolist() == [5.0, 4.0]
+
+
+def test_sigreg_is_small_for_gaussian_and_large_for_collapsed_embeddings():
+    from ajepa.models import sigreg
+    torch.manual_seed(0)
+    gaussian = sigreg(torch.randn(2048, 32))
+    collapsed = sigreg(torch.randn(2048, 1) * torch.ones(1, 32) / 32 ** 0.5 + 0.01 * torch.randn(2048, 32))
+    constant = sigreg(torch.zeros(2048, 32))
+    assert gaussian < 5 and collapsed > 10 * gaussian and constant > 10 * gaussian
+
+
+def test_multi_layer_targets_average_the_last_blocks():
+    model = AJEPA({"grid": (4, 2), "patch_size": 16, "embed_dim": 32, "depth": 3, "num_heads": 2},
+                  {"predictor_dim": 32, "depth": 1, "num_heads": 2}, target_layers=2)
+    x = torch.randn(2, 64, 32)
+    idx = torch.arange(8).repeat(2, 1, 1)  # every patch, one block
+    outs = model.target_encoder.block_outputs(x, 2)
+    expected = torch.stack([F.layer_norm(o, (32,)) for o in outs]).mean(0)
+    assert torch.allclose(model.forward_target(x, idx)[:, 0], F.layer_norm(expected, (32,)), atol=1e-6)
+    assert torch.allclose(outs[-1], model.target_encoder(x), atol=1e-6)  # the last one is the encoder's output

@@ -65,6 +65,14 @@ def test_each_stage_reruns_only_for_its_own_params(dvc_copy):
         _set_params(root, lambda p: p["finetune"]["synth"].update(epochs=3))
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
         assert stages == {"finetune@synth"}
+        # the probes' settings: the probes (and the report that shows them), never pretraining
+        _set_params(root, lambda p: p["linear"].update(max_iter=7))
+        stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
+        assert stages == {"linear@synth", "linear@words"}
+        # which encoder downstream uses: probes, fine-tuning and the report, not pretraining
+        _set_params(root, lambda p: p["downstream"].update(encoder="context"))
+        stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
+        assert stages == {"linear@synth", "linear@words", "finetune@synth", "finetune@words", "report"}
     finally:
         run(["git", "checkout", "params.yaml"], root)
 
@@ -72,7 +80,8 @@ def test_each_stage_reruns_only_for_its_own_params(dvc_copy):
 def test_dvc_pretrain_outputs(dvc_copy):
     root, r = dvc_copy
     metrics = json.loads((root / "results/pretrain/metrics.json").read_text())
-    assert metrics["steps"] == 2 * (24 // 8) and math.isfinite(metrics["final_loss"])
+    assert metrics["steps"] == 2 * ((24 + 24) // 8) and math.isfinite(metrics["final_loss"])  # both pools
+    assert [json.loads((root / f"data/pool/{d}.json").read_text())["clips"] for d in ("synth", "words")] == [24, 24]
     assert (root / "models/pretrain_state/checkpoint.pt").exists()
     assert (root / "results/pretrain/masks.png").read_bytes()[:4] == b"\x89PNG"
     shown = run(["dvc", "metrics", "show"], root).stdout
@@ -105,7 +114,7 @@ def test_dvc_exp_run_compares_masking_modes(dvc_copy):
     baseline = next(row for row in rows if row["typ"] == "baseline" and row["rev"] != "workspace")
     experiment = next(row for row in rows if row["Experiment"] == "curriculum-masks")
     assert (baseline["pretrain.masking.mode"], experiment["pretrain.masking.mode"]) == ("block", "curriculum")
-    for key in ("final_loss", "synth.linear.accuracy", "synth.finetune.accuracy"):
+    for key in ("final_loss", "synth.linear.accuracy", "synth.finetune.accuracy", "words.linear.accuracy"):
         assert re.fullmatch(r"[\d.]+", baseline[key]) and re.fullmatch(r"[\d.]+", experiment[key]), key
     assert baseline["final_loss"] != experiment["final_loss"]
     assert float(baseline["tf_fraction"]) == 0.0 < float(experiment["tf_fraction"])
@@ -114,7 +123,7 @@ def test_dvc_exp_run_compares_masking_modes(dvc_copy):
 
 
 # Files whose contents depend on the clock or on unseeded global state, and what is compared instead.
-TIMING_KEYS = {"seconds", "samples_per_s"}
+TIMING_KEYS = {"seconds", "samples_per_s", "probe_seconds"}
 
 
 def _without_timing(obj):
@@ -129,7 +138,7 @@ def _comparable(path: Path):
     if path.suffix == ".json":
         return _without_timing(json.loads(path.read_text()))
     if path.name == "report.md":
-        return re.sub(r"[\d.]+ samples/s", "N samples/s", path.read_text())
+        return re.sub(r"[\d.]+ samples/s", "N samples/s", re.sub(r"steps in [\d.]+ s", "steps in N s", path.read_text()))
     if path.name == "samples_per_s.tsv":
         return [line.split("\t")[0] for line in path.read_text().splitlines()]  # the steps, not the speeds
     if path.name == "checkpoint.pt":
@@ -159,8 +168,10 @@ def test_snakemake_produces_the_same_outputs_as_dvc(dvc_copy, snakemake_copy):
     dvc_root, smk_root = dvc_copy[0], snakemake_copy[0]
     files = _output_files(dvc_root)
     assert files == _output_files(smk_root)
-    assert {"models/pretrain/encoder.safetensors", "results/report.md", "results/summary.json",
-            "results/finetune/synth/predictions.csv", "data/features/synth/index.csv"} <= files
+    assert {"models/pretrain/context_encoder.safetensors", "models/pretrain/target_encoder.safetensors",
+            "results/report.md", "results/summary.json", "results/finetune/synth/predictions.csv",
+            "results/finetune/words/predictions.csv", "data/features/words/index.csv", "data/pool/words.json",
+            "results/plots/learning_curve.png"} <= files
     for name in sorted(files):
         a, b = _comparable(dvc_root / name), _comparable(smk_root / name)
         assert _equal(a, b), name
@@ -204,7 +215,7 @@ def test_snakemake_lint_is_clean(snakemake_copy):
 
 
 def test_dvc_commit_adopts_a_snakemake_run(snakemake_copy):
-    """What the README says to run after Snakemake: DVC then sees the pipeline as up to date."""
+    """What docs/pipeline.md says to run after Snakemake: DVC then sees the pipeline as up to date."""
     root, _ = snakemake_copy
     run(["dvc", "commit", "--force"], root)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], root).stdout
@@ -216,17 +227,18 @@ def test_one_benchmark_linear_probe_reruns_alone(dvc_copy):
     root, _ = dvc_copy
     before = json.loads((root / "results/linear/synth/metrics.json").read_text())
     try:
-        _set_params(root, lambda p: p["linear"].update(lr=0.05, max_epochs=3, patience=2))
+        _set_params(root, lambda p: p["linear"].update(l2=[10.0]))
         r = run(["dvc", "repro", "linear@synth"], root)
         out = r.stdout + r.stderr
         assert "Running stage 'linear@synth'" in out
         ran = set(re.findall(r"Running stage '([^']+)'", out))
         assert ran == {"linear@synth"}, ran
         after = json.loads((root / "results/linear/synth/metrics.json").read_text())
-        assert all(run_["epochs_run"] <= 3 for run_ in after["linear"]["runs"])
+        assert all(run_["l2"] == 10.0 for run_ in after["linear"]["runs"])
         assert after["linear"]["runs"] != before["linear"]["runs"]
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
-        assert stages == {"report"}  # downstream of the probe, not rerun by a single-stage target
+        # the other benchmark's probe reads the same `linear` section; the report is downstream of both
+        assert stages == {"linear@words", "report"}
     finally:
         run(["git", "checkout", "params.yaml"], root)
         run(["dvc", "repro", "linear@synth"], root)

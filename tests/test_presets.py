@@ -102,7 +102,7 @@ def test_merge_replaces_lists_and_reports_changes():
 
 
 def test_paper_preset_is_the_paper_setup():
-    """The values DESIGN.md gives for the paper's run, and only keys params.yaml has."""
+    """The paper's run (docs/method.md), and only keys params.yaml has."""
     preset = load_preset(REPO / "presets" / "paper.yaml")
     params = load_repo_params()
     merge(params, copy.deepcopy(preset))  # raises on a key params.yaml lacks
@@ -110,8 +110,11 @@ def test_paper_preset_is_the_paper_setup():
     assert (p["encoder"]["embed_dim"], p["encoder"]["depth"], p["encoder"]["num_heads"]) == (768, 12, 12)
     assert (p["predictor"]["depth"], p["predictor"]["embed_dim"]) == (16, 512)
     assert (p["optim"]["epochs"], p["optim"]["batch_size"], p["optim"]["lr"]) == (24, 512, 2e-4)
-    assert p["dataset"] == "as2m"
+    assert p["datasets"] == ["as2m"]
+    assert (p["target_layers"], p["sigreg"], p["loss"]) == (1, 0.0, "l2")  # the paper's objective, nothing added
+    assert params["downstream"]["encoder"] == "target"
     six = ["as2m", "as20k", "esc50", "spc2", "spc1", "vox1"]
+    assert all(params["finetune"][b]["pooling"] == "all" for b in six)  # AudioMAE's head
     assert params["pipeline"]["datasets"] == six and params["pipeline"]["benchmarks"] == six
 
 

@@ -18,6 +18,7 @@ from ajepa.errors import AjepaError
 from ajepa.models import AJEPA
 from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
 from ajepa.train.distributed import init_distributed
+from ajepa.stages.tracking import open_live
 from ajepa.train.pretrain import PretrainPaths, pretrain
 from conftest import run, tiny_params
 
@@ -42,14 +43,16 @@ def _params(**pretrain_overrides):
 
 
 def _paths(root):
-    return PretrainPaths(encoder=root / "encoder.safetensors", state=root / "state", live=root / "live",
-                         metrics=root / "metrics.json")
+    return PretrainPaths(encoders={"context": root / "context_encoder.safetensors",
+                                   "target": root / "target_encoder.safetensors"},
+                         state=root / "state", metrics=root / "metrics.json")
 
 
 def _train(cfg, store_dir, out, **kw):
     losses = {}
     r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(),
-                 on_step=lambda s, loss: losses.__setitem__(s, loss), enable_progress=False, **kw)
+                 open_log=open_live(out / "live"), on_step=lambda s, loss: losses.__setitem__(s, loss),
+                 enable_progress=False, **kw)
     return r, losses
 
 
@@ -62,26 +65,51 @@ def test_loss_decreases(store_dir, tmp_path):
     assert len(steps) == 8 * (48 // 8) == r.steps
     first, last = steps[:5], steps[-5:]
     assert sum(losses[s] for s in last) / 5 < 0.8 * sum(losses[s] for s in first) / 5
-    # the export loads into a plain encoder with its own config
-    state, config = load_encoder_state(tmp_path / "encoder.safetensors")
+    # both encoders are exported; each loads into a plain encoder with its own config
+    state, config = load_encoder_state(tmp_path / "context_encoder.safetensors")
     assert config["grid"] == [6, 8] and config["embed_dim"] == 32
+    target, target_config = load_encoder_state(tmp_path / "target_encoder.safetensors")
+    assert target_config == config and not all(torch.equal(state[k], target[k]) for k in state)
     assert 0.0 < r.tf_fraction < 1.0  # the curriculum mixes both mask modes
     logged = pd.read_csv(tmp_path / "live/plots/metrics/train/loss.tsv", sep="\t")
     assert list(logged["step"]) == steps
+    # the no-context floor is logged beside the loss from the second step on (nothing is known at the first)
+    floor = pd.read_csv(tmp_path / "live/plots/metrics/train/position_only_loss.tsv", sep="\t")
+    assert len(floor) == len(steps) and floor["position_only_loss"].iloc[1:].notna().all()
+
+
+def test_learning_curve_is_logged_at_probe_steps(store_dir, tmp_path):
+    cfg = _params(probe={"every": 4, "encoders": ["target"], "l2": [0.1]}).pretrain
+    seen = []
+
+    def evaluate(step, model):
+        assert not model.training
+        seen.append(step)
+        return {"probe/hand/target": float(step)}
+
+    def evaluate_in_eval_mode(step, model):
+        model.eval()
+        return evaluate(step, model)
+
+    r, _ = _train(cfg, store_dir, tmp_path, evaluate=evaluate_in_eval_mode)
+    assert seen == [4, 8, 12] and r.steps == 12 and r.probe_seconds >= 0
+    curve = pd.read_csv(tmp_path / "live/plots/metrics/probe/hand/target.tsv", sep="\t")
+    assert list(curve["step"]) == [3, 7, 11] and list(curve["target"]) == [4.0, 8.0, 12.0]
 
 
 def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
     cfg = _params().pretrain
     _, straight = _train(cfg, store_dir, tmp_path / "a")
     r1, part1 = _train(cfg, store_dir, tmp_path / "b", stop_after=5)
-    assert r1.steps == 5 and not (tmp_path / "b/encoder.safetensors").exists()
+    assert r1.steps == 5 and not (tmp_path / "b/context_encoder.safetensors").exists()
     assert load_checkpoint(tmp_path / "b/state/checkpoint.pt")["step"] == 5
     r2, part2 = _train(cfg, store_dir, tmp_path / "b")
     assert r2.start_step == 5 and r2.steps == len(straight)
     assert {**part1, **part2} == straight  # bit-identical: same batches, masks, RNG and optimiser state
-    a, _ = load_encoder_state(tmp_path / "a/encoder.safetensors")
-    b, _ = load_encoder_state(tmp_path / "b/encoder.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for which in ("context", "target"):
+        a, _ = load_encoder_state(tmp_path / f"a/{which}_encoder.safetensors")
+        b, _ = load_encoder_state(tmp_path / f"b/{which}_encoder.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
     logged = pd.read_csv(tmp_path / "b/live/plots/metrics/train/loss.tsv", sep="\t")
     assert list(logged["step"]) == sorted(straight)  # no duplicated rows after the resume
 
@@ -115,15 +143,20 @@ def test_missing_feature_store_is_one_line(tmp_path, capsys, monkeypatch):
     from ajepa.cli import main
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    assert main(["pool", "synth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ajepa pool: error: data/features/synth: not a feature store") and "\n" not in err
     assert main(["pretrain"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ajepa pretrain: error: data/features/synth: not a feature store") and "\n" not in err
+    assert err.startswith("ajepa pretrain: error: data/pool/synth.json: not found (run `ajepa pool synth` first)")
+    assert "\n" not in err
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
 def test_torchrun_two_processes_match_one(store_dir, tmp_path):
     """Two gloo processes with half the batch each = one process with the whole batch."""
     import shutil
+    import subprocess
 
     import yaml
     results = {}
@@ -134,12 +167,15 @@ def test_torchrun_two_processes_match_one(store_dir, tmp_path):
         shutil.copytree(store_dir, root / "data/features/synth")
         p = tiny_params()
         p["pretrain"]["optim"]["epochs"] = 1
+        p["pretrain"]["datasets"] = ["synth"]
         (root / "params.yaml").write_text(yaml.safe_dump(p))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        r = __import__("subprocess").run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+        subprocess.run([sys.executable, "-m", "ajepa.cli", "pool", "synth"], cwd=root, check=True, env=env,
+                       capture_output=True)
+        r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         results[name] = (json.loads((root / "results/pretrain/metrics.json").read_text()),
-                         load_encoder_state(root / "models/pretrain/encoder.safetensors")[0])
+                         load_encoder_state(root / "models/pretrain/context_encoder.safetensors")[0])
     (m1, w1), (m2, w2) = results["single"], results["ddp"]
     assert m2["world_size"] == 2 and m1["world_size"] == 1 and m1["steps"] == m2["steps"] == 6
     assert math.isclose(m1["final_loss"], m2["final_loss"], rel_tol=1e-4)

@@ -132,7 +132,7 @@ def audio_dir_of(cfg, name: str) -> Path:
     """The configured audio directory, checked before anything is downloaded."""
     if cfg.audio_dir is None:
         raise ConfigError(f"datasets.{name}.prepare.audio_dir is not set: AudioSet audio is not distributed, "
-                          f"point it at your directory of clips named by YTID (README, Datasets)")
+                          f"point it at your directory of clips named by YTID (docs/datasets.md)")
     if not Path(cfg.audio_dir).is_dir():
         raise ConfigError(f"datasets.{name}.prepare.audio_dir = {cfg.audio_dir!r}: not a directory")
     return Path(cfg.audio_dir)

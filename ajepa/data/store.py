@@ -221,3 +221,37 @@ class FeatureStore:
         state = self.__dict__.copy()
         state["_shards"] = {}
         return state
+
+    def fingerprint(self) -> dict:
+        """What a training run over these clips depends on: the normalisation and the clip count."""
+        return {"mean": self.stats["mean"], "std": self.stats["std"], "accepted": self.stats["accepted"],
+                "clips": len(self)}
+
+
+class StoreUnion:
+    """Several feature stores read as one sequence of clips (pretraining on the pools of several datasets).
+
+    Each store keeps its own normalisation statistics; the stores must share the patch grid, so that
+    clips of any store stack into one batch."""
+
+    def __init__(self, stores: list[FeatureStore]):
+        if not stores:
+            raise AjepaError("no feature stores to pretrain on")
+        layouts = {(tuple(s.stats["grid"]), int(s.stats["patch_size"])) for s in stores}
+        if len(layouts) > 1:
+            shown = ", ".join(f"{s.root} {s.stats['grid']}" for s in stores)
+            raise AjepaError(f"pretraining stores differ in patch grid ({shown}): set the same target_length")
+        self.stores = stores
+        self.offsets = np.cumsum([0] + [len(s) for s in stores])
+        self.stats = {"grid": list(stores[0].stats["grid"]), "patch_size": int(stores[0].stats["patch_size"])}
+        self.root = " + ".join(str(s.root) for s in stores)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.stores[k][i - int(self.offsets[k])]
+
+    def fingerprint(self) -> list[dict]:
+        return [s.fingerprint() for s in self.stores]

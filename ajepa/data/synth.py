@@ -183,6 +183,19 @@ def _write_clip(job: tuple) -> None:
     sf.write(path, clip(spec, split, index, category), spec.sample_rate, subtype="PCM_16")
 
 
+def write_clips(write, jobs: list, progress=None, workers: int = 1) -> None:
+    """Call write(job) for every job, in `workers` forked processes when workers > 1 (as the features
+    stage's workers); every clip is a pure function of its job, so the files are the same either way."""
+    with contextlib.ExitStack() as stack:
+        written = map(write, jobs)
+        if workers > 1:
+            executor = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")))
+            written = executor.map(write, jobs, chunksize=32)
+        for _ in written:
+            if progress:
+                progress.update(1)
+
+
 def generate(root: Path, spec: SynthSpec, clips_per_class: int, num_folds: int, pool_clips: int,
              progress=None, workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write the dataset under `root` (which must be empty or absent); return (meta, pool) tables.
@@ -207,14 +220,7 @@ def generate(root: Path, spec: SynthSpec, clips_per_class: int, num_folds: int, 
         name = f"pool-{i:06d}.wav"
         jobs.append((root / "pool" / name, spec, POOL, i, CLASSES[target]))
         pool_rows.append(dict(filename=name))
-    with contextlib.ExitStack() as stack:
-        written = map(_write_clip, jobs)
-        if workers > 1:  # forked, as the features stage's workers
-            executor = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")))
-            written = executor.map(_write_clip, jobs, chunksize=32)
-        for _ in written:
-            if progress:
-                progress.update(1)
+    write_clips(_write_clip, jobs, progress, workers)
     meta, pool = pd.DataFrame(rows), pd.DataFrame(pool_rows)
     meta.to_csv(root / "meta" / "synth.csv", index=False)
     pool.to_csv(root / "meta" / "pool.csv", index=False)

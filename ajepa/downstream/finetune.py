@@ -24,7 +24,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,54 +34,36 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ajepa.config import FinetuneConfig
-from ajepa.downstream.linear import score, val_score
 from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.models import SpectrogramEncoder
-from ajepa.train.pretrain import prune_live
 from ajepa.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ajepa.train.schedules import WarmupCosine, _decays
+from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
-__all__ = ["Classifier", "layer_decay_groups", "augment", "spec_augment", "finetune_run", "RunResult"]
+__all__ = ["Classifier", "augment", "spec_augment", "finetune_run", "RunResult"]
 
 
 class Classifier(nn.Module):
-    """Encoder tokens -> mean over patches -> LayerNorm -> linear (AudioMAE's global-pool head)."""
+    """Encoder tokens -> pool -> LayerNorm -> linear. pooling "all" is AudioMAE's global-pool head (the
+    mean of every patch); "time" keeps the frequency patches (the mean over time of each, each normalised,
+    concatenated), as the linear probe reads them."""
 
-    def __init__(self, encoder: SpectrogramEncoder, num_classes: int):
+    def __init__(self, encoder: SpectrogramEncoder, num_classes: int, pooling: str = "all"):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.pooling = encoder, pooling
         self.norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
-        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        width = encoder.embed_dim * (encoder.grid[1] if pooling == "time" else 1)
+        self.head = nn.Linear(width, num_classes)
         trunc_normal_(self.head.weight, std=2e-5)  # MAE/AudioMAE fine-tuning head init
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor, key_mask_ratio: float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         z = self.encoder(x, key_mask_ratio=key_mask_ratio, generator=generator)
-        return self.head(self.norm(z.mean(dim=1)))
-
-
-def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups keyed by (layer, decays?), each with its `lr_scale` (see module docstring)."""
-    depth = len(model.encoder.blocks)
-
-    def layer_of(name: str) -> int:
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        if name.startswith("encoder.patch_embed"):
-            return 0
-        return depth + 1  # encoder.norm, norm, head
-
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, decays = layer_of(name), _decays(name, p)
-        g = groups.setdefault((layer, decays), {
-            "name": f"layer{layer}_{'decay' if decays else 'no_decay'}", "params": [],
-            "weight_decay": weight_decay if decays else 0.0, "lr_scale": layer_decay ** (depth + 1 - layer)})
-        g["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+        if self.pooling == "all":
+            return self.head(self.norm(z.mean(dim=1)))
+        n_time, n_freq = self.encoder.grid
+        bands = z.reshape(len(z), n_time, n_freq, -1).mean(dim=1)  # [B, F, D]
+        return self.head(self.norm(bands).flatten(1))
 
 
 def spec_augment(x: torch.Tensor, max_time: int, max_freq: int, fill: float, g: torch.Generator) -> torch.Tensor:
@@ -163,87 +145,120 @@ def _epoch_order(task: Task, split: EvalSplit, cfg: FinetuneConfig, epoch: int) 
     return split.train[order.numpy()]
 
 
-def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg: FinetuneConfig, name: str,
-                 device: torch.device, state_path: Path, run_hash: str, live_dir: Path | None = None,
-                 enable_progress: bool = True) -> RunResult:
-    """Fine-tune `encoder` on one split (resuming from `state_path` when it holds this run)."""
-    from ajepa.progress import progress
+@dataclass
+class FinetuneState:
+    """What one fine-tuning run updates, and what its checkpoint holds."""
 
-    num_classes = len(task.classes)
-    model = Classifier(encoder, num_classes).to(device)
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    lr: WarmupCosine
+    steps_per_epoch: int
+    epoch: int = 0  # epochs done
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+    history: list = field(default_factory=list)
+
+    def checkpoint(self, run_hash: str) -> dict:
+        return {"run_hash": run_hash, "epoch": self.epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "lr": self.lr.state_dict(), "rng": rng_state(),
+                "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                "history": self.history}
+
+    def resume(self, state_path: Path, run_hash: str) -> None:
+        """Continue from `state_path` when it holds this run (same hash); otherwise start afresh."""
+        if not state_path.exists():
+            return
+        state = load_checkpoint(state_path, map_location="cpu")
+        if state.get("run_hash") != run_hash:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr.load_state_dict(state["lr"])
+        set_rng_state(state["rng"])
+        self.epoch, self.best_score, self.best_epoch = int(state["epoch"]), float(state["best_score"]), \
+            int(state["best_epoch"])
+        self.best_state, self.history = state["best_state"], list(state["history"])
+
+
+def build(encoder: SpectrogramEncoder, num_classes: int, train_clips: int, cfg: FinetuneConfig,
+          device: torch.device) -> FinetuneState:
+    """The classifier, AdamW with layer-wise lr decay, and warmup-cosine per step."""
+    model = Classifier(encoder, num_classes, cfg.pooling).to(device)
     opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
                             betas=(0.9, 0.999))
-    steps_per_epoch = max(1, (cfg.samples_per_epoch or len(split.train)) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    lr = WarmupCosine(cfg.lr, cfg.final_lr, round(cfg.warmup_epochs * steps_per_epoch), total, optimizer=opt)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    steps_per_epoch = max(1, (cfg.samples_per_epoch or train_clips) // cfg.batch_size)
+    lr = WarmupCosine(cfg.lr, cfg.final_lr, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch,
+                      optimizer=opt)
+    return FinetuneState(model, opt, lr, steps_per_epoch)
+
+
+def train_step(run: FinetuneState, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Generator,
+               autocast) -> float:
+    """One optimiser step on an augmented batch (regularized masking drawn from `g`); returns the loss."""
+    run.lr.step()
+    with autocast:
+        logits = run.model(x, key_mask_ratio=cfg.key_mask_ratio, generator=g)
+    loss = _loss(logits.float(), y, cfg.loss)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return float(loss.detach())
+
+
+def train_epoch(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneConfig, device: torch.device,
+                autocast, bar) -> float:
+    """One epoch of steps over the training clips (order and augmentation seeded by epoch and step);
+    returns the mean training loss."""
+    run.model.train()
     stats = task.store.stats
     fill = (0.0 - float(stats["mean"])) / (2.0 * float(stats["std"]))  # log-mel 0, normalised
+    order = _epoch_order(task, split, cfg, run.epoch)
+    losses = []
+    for b in range(run.steps_per_epoch):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch * run.steps_per_epoch + b)
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        x, y = augment(task.clips(idx), _one_hot(task.y[idx], len(task.classes)), cfg, fill, g)
+        losses.append(train_step(run, x.to(device), y.to(device), cfg, g, autocast))
+        bar.update(1)
+    return float(np.mean(losses))
 
-    start_epoch, best_score, best_epoch, best_state, history = 0, -math.inf, 0, None, []
-    if state_path.exists():
-        state = load_checkpoint(state_path, map_location="cpu")
-        if state.get("run_hash") == run_hash:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            lr.load_state_dict(state["lr"])
-            set_rng_state(state["rng"])
-            start_epoch, best_score, best_epoch = int(state["epoch"]), float(state["best_score"]), int(state["best_epoch"])
-            best_state, history = state["best_state"], list(state["history"])
 
-    live = None
-    if live_dir is not None:
-        from dvclive import Live
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=start_epoch > 0, report=None)
-        prune_live(live_dir, start_epoch + 1)  # rows are logged at step = epoch, 1-based
+def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg: FinetuneConfig, name: str,
+                 device: torch.device, state_path: Path, run_hash: str, open_log=None,
+                 enable_progress: bool = True) -> RunResult:
+    """Fine-tune `encoder` on one split (resuming from `state_path` when it holds this run), keep the epoch
+    with the best validation score and score the test clips with it. `open_log(first_epoch)` returns a
+    log(epoch, metrics) for the per-epoch curves (epochs from 1)."""
+    from ajepa.progress import progress
 
+    run = build(encoder, len(task.classes), len(split.train), cfg, device)
+    run.resume(state_path, run_hash)
+    log = open_log(run.epoch + 1) if open_log else (lambda step, metrics: None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     t0 = time.perf_counter()
-    bar = progress(total - start_epoch * steps_per_epoch, f"finetune {name}", "step", enabled=enable_progress)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        order = _epoch_order(task, split, cfg, epoch)
-        losses = []
-        for b in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + b
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x, y = augment(task.clips(idx), _one_hot(task.y[idx], num_classes), cfg, fill, g)
-            lr_now = lr.step()
-            with autocast:
-                logits = model(x.to(device), key_mask_ratio=cfg.key_mask_ratio, generator=g)
-            loss = _loss(logits.float(), y.to(device), cfg.loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-        logits = predict(model, task, split.val, cfg.batch_size * 2, device, autocast)
-        val = val_score(task, task.y[split.val], logits)
-        history.append({"epoch": epoch + 1, "train_loss": round(float(np.mean(losses)), 5),
-                        f"val_{task.metric}": round(val, 3), "lr": lr_now})
-        if val > best_score:  # ties keep the earlier epoch
-            best_score, best_epoch = val, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if live is not None:
-            live.step = epoch + 1
-            live.log_metric("train/loss", history[-1]["train_loss"])
-            live.log_metric(f"val/{task.metric}", val)
-            live.log_metric("train/lr", lr_now)
-            live.next_step()
+    bar = progress((cfg.epochs - run.epoch) * run.steps_per_epoch, f"finetune {name}", "step",
+                   enabled=enable_progress)
+    while run.epoch < cfg.epochs:
+        train_loss = train_epoch(run, task, split, cfg, device, autocast, bar)
+        lr_now = run.lr.value(run.lr.current_step - 1)  # the last step's
+        val = task.selection_score(task.y[split.val], predict(run.model, task, split.val, cfg.batch_size * 2,
+                                                               device, autocast))
+        run.epoch += 1
+        run.history.append({"epoch": run.epoch, "train_loss": round(train_loss, 5), f"val_{task.metric}": round(val, 3),
+                            "lr": lr_now})
+        if val > run.best_score:  # ties keep the earlier epoch
+            run.best_score, run.best_epoch = val, run.epoch
+            run.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+        log(run.epoch, {"train/loss": run.history[-1]["train_loss"], f"val/{task.metric}": val, "train/lr": lr_now})
         bar.set_postfix(val=f"{val:.1f}")
-        save_checkpoint(state_path, {"run_hash": run_hash, "epoch": epoch + 1, "model": model.state_dict(),
-                                     "optimizer": opt.state_dict(), "lr": lr.state_dict(), "rng": rng_state(),
-                                     "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
-                                     "history": history})
+        save_checkpoint(state_path, run.checkpoint(run_hash))
     bar.close()
-    if live is not None:
-        live.end()
-    model.load_state_dict(best_state)
-    logits = predict(model, task, split.test, cfg.batch_size * 2, device, autocast)
-    test = score(task, task.y[split.test], logits)
+    run.model.load_state_dict(run.best_state)
+    logits = predict(run.model, task, split.test, cfg.batch_size * 2, device, autocast)
     scores = torch.sigmoid(logits) if task.multi_label else torch.softmax(logits, dim=1)
-    return RunResult(name, test, best_epoch, best_score, split.test.tolist(), scores.tolist(),
-                     time.perf_counter() - t0, history)
+    return RunResult(name, task.score(task.y[split.test], logits), run.best_epoch, run.best_score,
+                     split.test.tolist(), scores.tolist(), time.perf_counter() - t0, run.history)
 
 
 def result_dict(r: RunResult) -> dict:

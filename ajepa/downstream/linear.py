@@ -1,40 +1,54 @@
-"""Linear evaluation (EVAR-style; the paper gives no linear protocol): a frozen encoder's
-mean-pooled patch embeddings, standardised on the training clips, and one linear layer trained
-with Adam and early stopping on the validation clips. The test clips are scored once, with the
-weights of the best validation epoch.
+"""Frozen-encoder probes (the paper gives no linear protocol; we follow MSM-MAE/M2D and EVAR for the
+linear probe and V-JEPA for the attentive one).
 
-Three rows per benchmark: the pretrained encoder (`linear`), the same architecture with random
-weights (`linear_random_init`: what pretraining adds) and the time-averaged log-mel fbank
-(`fbank_baseline`: what a spectrogram alone gives).
+Embeddings   the encoder's final tokens [T, F, D] pooled by `ajepa.models.pool_tokens`: by default the
+             mean over time with the F frequency patches concatenated (F x D), since a mean over every
+             token sums the bands through one patch projection and loses where the energy is.
+Linear       the embeddings standardised on the training clips, then multinomial logistic regression
+             (per-class sigmoid for multi-label sets) fit to convergence by L-BFGS for each L2 strength of
+             a small grid; the strength with the best validation score is kept, and the test clips are
+             scored once with it. A convex fit has no learning rate, batch or epoch count to tune, so
+             every embedding (pretrained, random init, fbank) gets its best probe from the same grid.
+Attentive    a learned query token attends over the frozen tokens (one cross-attention block and an
+             MLP), then a linear head; AdamW with early stopping on the validation clips.
+The learning curve uses the linear probe on train -> val only (`validation_probe`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
 
 from ajepa.atomic import atomic_path
-from ajepa.config import LinearConfig
+from ajepa.config import AttentiveConfig, LinearConfig
 from ajepa.downstream import metrics
 from ajepa.downstream.common import summarize
 from ajepa.downstream.protocols import EvalSplit, Task
+from ajepa.models import SpectrogramEncoder, pool_tokens
 
-__all__ = ["embed", "fbank_embeddings", "cached_embeddings", "fit_probe", "evaluate_embeddings", "score"]
+__all__ = ["embed", "embed_tokens", "fbank_embeddings", "cached_embeddings", "fit_probe", "fit_attentive",
+           "AttentiveProbe", "evaluate_embeddings", "evaluate_tokens", "validation_probe"]
 
 
 @torch.no_grad()
-def embed(encoder: torch.nn.Module, task: Task, batch_size: int, device: torch.device) -> np.ndarray:
-    """Mean over every patch token of the encoder's final (layer-normed) output: [N, D] float32."""
+def embed(encoder: SpectrogramEncoder, task: Task, batch_size: int, device: torch.device, pooling: str = "time",
+          positions: np.ndarray | None = None) -> np.ndarray:
+    """The encoder's final (layer-normed) tokens of every clip (or of `positions`), pooled
+    (ajepa.models.pool_tokens): [N, n_freq * D] for "time", [N, D] for "all"; float32."""
+    was_training = encoder.training
     encoder = encoder.to(device).eval()
+    positions = np.arange(len(task.y)) if positions is None else np.asarray(positions)
     out = []
-    for start in range(0, len(task.y), batch_size):
-        x = task.clips(range(start, min(start + batch_size, len(task.y)))).to(device)
-        out.append(encoder(x).mean(dim=1).float().cpu())
+    for start in range(0, len(positions), batch_size):
+        x = task.clips(positions[start:start + batch_size]).to(device)
+        out.append(pool_tokens(encoder(x), encoder.grid, pooling).float().cpu())
+    encoder.train(was_training)
     return torch.cat(out).numpy()
 
 
@@ -58,73 +72,147 @@ def cached_embeddings(path: Path, compute) -> np.ndarray:
     return emb
 
 
-def score(task: Task, y: torch.Tensor, logits: torch.Tensor) -> dict:
-    """The benchmark's metrics on raw model outputs (softmax / sigmoid scores)."""
-    if task.multi_label:
-        return metrics.multilabel_metrics(y.numpy(), torch.sigmoid(logits).numpy())
-    return metrics.singlelabel_metrics(y.numpy(), torch.softmax(logits, dim=1).numpy(), len(task.classes))
-
-
-def val_score(task: Task, y: torch.Tensor, logits: torch.Tensor) -> float:
-    """The selection metric, cheaply: argmax accuracy in percent, or mAP (per-class sklearn AP)."""
-    if task.multi_label:
-        return metrics.mean_average_precision(y.numpy(), torch.sigmoid(logits).numpy())
-    return float((logits.argmax(1) == y).float().mean()) * 100.0
-
-
 def _loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
 
 
-def fit_probe(task: Task, emb: np.ndarray, split: EvalSplit, cfg: LinearConfig) -> dict:
-    """Train one linear layer on split.train, stop on split.val, score split.test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a [batch, D] x [D, C] product: threads only add sync cost (and spin under load)
-    try:
-        return _fit_probe(task, emb, split, cfg)
-    finally:
-        torch.set_num_threads(threads)
+def standardise(x: torch.Tensor, train: np.ndarray) -> torch.Tensor:
+    """Every feature to zero mean and unit variance over the training clips."""
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
+    return (x - mean) / std
 
 
-def _fit_probe(task: Task, emb: np.ndarray, split: EvalSplit, cfg: LinearConfig) -> dict:
-    x = torch.from_numpy(emb)
-    mean, std = x[split.train].mean(0), x[split.train].std(0).clamp_min(1e-6)
-    x = (x - mean) / std
-    xtr, ytr = x[split.train], task.y[split.train]
-    xva, yva = x[split.val], task.y[split.val]
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    head = torch.nn.Linear(x.shape[1], len(task.classes))
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best = (-float("inf"), float("inf"))  # (val metric, val loss): higher metric wins, then lower loss
-    best_state, best_epoch, since = copy.deepcopy(head.state_dict()), 0, 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        head.train()
-        for idx in torch.randperm(len(xtr), generator=g).split(cfg.batch_size):
-            opt.zero_grad(set_to_none=True)
-            _loss(head(xtr[idx]), ytr[idx], task.multi_label).backward()
-            opt.step()
-        head.eval()
+def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float, multi_label: bool, max_iter: int,
+              start: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias minimising the cross-entropy (softmax, or per-class sigmoid) + l2 * |W|^2, by
+    full-batch L-BFGS from `start`."""
+    w, b = (t.clone().requires_grad_(True) for t in start)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(x @ w + b, y, multi_label) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def fit_probe(task: Task, emb: np.ndarray, split: EvalSplit, l2: list[float], max_iter: int = 100) -> dict:
+    """Logistic regression on the standardised embeddings of split.train, one fit per L2 strength in
+    `l2` (strongest first, each starting from the last); the strength with the best split.val score is
+    kept and split.test is scored once with it. A convex fit to convergence has no learning rate, batch
+    or epoch count to tune, so every row of the report gets its own best probe from the same grid."""
+    x = standardise(torch.from_numpy(emb), split.train)
+    xtr, ytr, xva, yva = x[split.train], task.y[split.train], x[split.val], task.y[split.val]
+    params = (torch.zeros(x.shape[1], len(task.classes)), torch.zeros(len(task.classes)))
+    best = None
+    for strength in sorted(l2, reverse=True):
+        params = _logistic(xtr, ytr, strength, task.multi_label, max_iter, params)
+        val = task.selection_score(yva, xva @ params[0] + params[1])
+        if best is None or val > best[0]:
+            best = (val, strength, params)
+    val, strength, (w, b) = best
+    test = task.score(task.y[split.test], x[split.test] @ w + b)
+    return {"split": split.name, task.metric: round(float(test[task.metric]), 2), **metrics.secondary(test),
+            "l2": strength, f"val_{task.metric}": round(float(val), 2), "train_clips": len(split.train),
+            "val_clips": len(split.val), "test_clips": len(split.test)}
+
+
+class AttentiveProbe(nn.Module):
+    """V-JEPA's attentive probe: a learned query token attends over the frozen tokens [B, N, D] (one
+    cross-attention block with an MLP, pre-norm), then a linear head on the pooled token. Where a mean
+    over tokens weighs every patch alike, the query learns which patches (and which of their
+    features) to read, so the probe can use *where* something happens, not only whether it does."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 4, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm_tokens = nn.LayerNorm(dim, eps=1e-6)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.head = nn.Linear(dim, num_classes)
+        trunc_normal_(self.query, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, D = tokens.shape
+        h = self.num_heads
+        k, v = self.kv(self.norm_tokens(tokens)).reshape(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        q = self.q(self.query).reshape(1, 1, h, D // h).transpose(1, 2).expand(B, -1, -1, -1)
+        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        x = self.query + self.proj(pooled)
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.head(x[:, 0])
+
+
+def fit_attentive(task: Task, tokens: np.ndarray, split: EvalSplit, cfg: AttentiveConfig, seed: int) -> dict:
+    """Train an AttentiveProbe on the frozen tokens [N clips, patches, D] of split.train with AdamW,
+    keep the epoch with the best split.val score (stopping after `patience` epochs without one), and
+    score split.test once with it."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(tokens)
+    probe = AttentiveProbe(x.shape[-1], len(task.classes), cfg.num_heads)
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def logits(positions: np.ndarray) -> torch.Tensor:
+        probe.eval()
         with torch.no_grad():
-            logits = head(xva)
-            val = (val_score(task, yva, logits), float(_loss(logits, yva, task.multi_label)))
-        if val[0] > best[0] or (val[0] == best[0] and val[1] < best[1]):
-            best, best_state, best_epoch, since = val, copy.deepcopy(head.state_dict()), epoch, 0
+            return torch.cat([probe(x[torch.as_tensor(p)].float()) for p in np.array_split(
+                positions, max(1, len(positions) // 256))])
+
+    best, best_state, best_epoch, since = -float("inf"), None, 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        probe.train()
+        for idx in torch.as_tensor(split.train)[torch.randperm(len(split.train), generator=g)].split(cfg.batch_size):
+            opt.zero_grad(set_to_none=True)
+            _loss(probe(x[idx].float()), task.y[idx], task.multi_label).backward()
+            opt.step()
+        val = task.selection_score(task.y[split.val], logits(split.val))
+        if val > best:
+            best, best_state, best_epoch, since = val, copy.deepcopy(probe.state_dict()), epoch, 0
         else:
             since += 1
             if since >= cfg.patience:
                 break
-    head.load_state_dict(best_state)
-    with torch.no_grad():
-        test = score(task, task.y[split.test], head(x[split.test]))
+    probe.load_state_dict(best_state)
+    test = task.score(task.y[split.test], logits(split.test))
     return {"split": split.name, task.metric: round(float(test[task.metric]), 2), **metrics.secondary(test),
-            "best_epoch": best_epoch, "epochs_run": epoch, f"val_{task.metric}": round(float(best[0]), 2),
+            "best_epoch": best_epoch, "epochs_run": epoch, f"val_{task.metric}": round(float(best), 2),
             "train_clips": len(split.train), "val_clips": len(split.val), "test_clips": len(split.test)}
 
 
 def evaluate_embeddings(task: Task, emb: np.ndarray, cfg: LinearConfig) -> dict:
-    return summarize([fit_probe(task, emb, s, cfg) for s in task.splits], task.metric)
+    """The linear probe on every run of the benchmark's protocol, summarised (mean, std, runs)."""
+    return summarize([fit_probe(task, emb, s, cfg.l2, cfg.max_iter) for s in task.splits], task.metric)
 
 
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False)
+def evaluate_tokens(task: Task, tokens: np.ndarray, cfg: LinearConfig) -> dict:
+    """The attentive probe on every run of the benchmark's protocol, summarised."""
+    return summarize([fit_attentive(task, tokens, s, cfg.attentive, cfg.seed) for s in task.splits], task.metric)
+
+
+def validation_probe(encoder: SpectrogramEncoder, task: Task, l2: list[float], device: torch.device,
+                     pooling: str = "time", batch_size: int = 64) -> float:
+    """The learning-curve probe: embed the train and val clips of the protocol's first run, fit the linear
+    probe on train and return its validation score (the test clips are never touched). For a probe at
+    every few hundred pretraining steps: one run, no test, no cache."""
+    split = task.splits[0]
+    positions = np.concatenate([split.train, split.val])
+    pooled = embed(encoder, task, batch_size, device, pooling, positions)
+    emb = np.zeros((len(task.y), pooled.shape[1]), dtype=np.float32)
+    emb[positions] = pooled
+    return fit_probe(task, emb, EvalSplit(split.name, split.train, split.val, split.val), l2)[task.metric]
+
+
+@torch.no_grad()
+def embed_tokens(encoder: SpectrogramEncoder, task: Task, batch_size: int, device: torch.device) -> np.ndarray:
+    """Every clip's output tokens [N, patches, D] as float16 (the attentive probe's input)."""
+    encoder = encoder.to(device).eval()
+    out = [encoder(task.clips(range(s, min(s + batch_size, len(task.y)))).to(device)).half().cpu()
+           for s in range(0, len(task.y), batch_size)]
+    return torch.cat(out).numpy()

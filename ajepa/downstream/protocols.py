@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from ajepa.data.loader import SpectrogramDataset
+from ajepa.downstream import metrics
 from ajepa.data.store import FeatureStore
 from ajepa.errors import AjepaError
 
@@ -62,6 +63,18 @@ class Task:
     @property
     def metric(self) -> str:
         return "mAP" if self.multi_label else "accuracy"
+
+    def score(self, y: torch.Tensor, logits: torch.Tensor) -> dict:
+        """The benchmark's metrics of raw model outputs (softmax, or per-class sigmoid, scores)."""
+        if self.multi_label:
+            return metrics.multilabel_metrics(y.numpy(), torch.sigmoid(logits).numpy())
+        return metrics.singlelabel_metrics(y.numpy(), torch.softmax(logits, dim=1).numpy(), len(self.classes))
+
+    def selection_score(self, y: torch.Tensor, logits: torch.Tensor) -> float:
+        """What model selection looks at, cheaply: argmax accuracy in percent, or mAP (per-class sklearn AP)."""
+        if self.multi_label:
+            return metrics.mean_average_precision(y.numpy(), torch.sigmoid(logits).numpy())
+        return float((logits.argmax(1) == y).float().mean()) * 100.0
 
 
 def eval_splits(index: pd.DataFrame, protocol: str) -> list[EvalSplit]:

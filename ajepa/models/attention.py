@@ -9,10 +9,9 @@ subset is drawn per layer and per call, so no patch is invisible for the whole n
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-__all__ = ["random_key_mask", "KeyMaskAttention", "KeyMaskBlock"]
+__all__ = ["random_key_mask", "KeyMaskBlock"]
 
 
 def random_key_mask(batch: int, n: int, ratio: float, device=None,
@@ -34,39 +33,14 @@ def random_key_mask(batch: int, n: int, ratio: float, device=None,
     return allowed[:, None, None, :]
 
 
-class KeyMaskAttention(Attention):
-    """timm Attention (forward unchanged: fused SDPA with `attn_mask`), plus an explicit
-    reference path that materialises the attention probabilities, for tests/inspection."""
-
-    def forward_with_probs(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
-        """Unfused reference: returns (output [B, N, C], probs [B, H, N, N])."""
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        scores = (q * self.scale) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out = (self.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
-        out = self.norm(out)
-        if self.gate is not None:
-            out = out * self.gate(x).sigmoid()
-        return self.proj_drop(self.proj(out)), probs
-
-
 class KeyMaskBlock(Block):
-    """timm pre-norm Block whose attention hides a fresh random key subset in training.
+    """timm pre-norm Block (timm's Attention, fused SDPA with `attn_mask`) whose attention hides a fresh
+    random key subset in training.
 
     With `key_mask_ratio == 0` or in eval mode no mask is built and the call is exactly
-    `timm.Block.forward`. The last drawn mask is kept in `last_key_mask` (None if none)
-    for inspection; it is a small bool tensor and is overwritten on every call. An extra
-    `attn_mask`, if given, must be boolean (it is ANDed with the drawn key mask).
+    `timm.Block.forward`. An extra `attn_mask`, if given, must be boolean (it is ANDed with the drawn
+    key mask).
     """
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("attn_layer", KeyMaskAttention)
-        super().__init__(*args, **kwargs)
-        self.last_key_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 key_mask_ratio: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,5 +49,4 @@ class KeyMaskBlock(Block):
             key_mask = random_key_mask(x.shape[0], x.shape[1], key_mask_ratio, x.device, generator)
             if key_mask is not None and attn_mask is not None:
                 key_mask = key_mask & attn_mask
-        self.last_key_mask = key_mask
         return super().forward(x, attn_mask=attn_mask if key_mask is None else key_mask, is_causal=is_causal)

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block
 
 from .attention import KeyMaskBlock
 
-__all__ = ["SIZES", "PREDICTOR_INITS", "resolve_size", "sincos_pos_embed_2d", "gather_tokens",
+__all__ = ["SIZES", "PREDICTOR_INITS", "POOLINGS", "resolve_size", "sincos_pos_embed_2d", "gather_tokens", "pool_tokens",
            "init_vit_weights", "SpectrogramEncoder", "Predictor"]
 
 # ViT sizes (embed_dim, depth, num_heads) as in ViT/MAE/I-JEPA; A-JEPA's main model is "base".
@@ -66,6 +66,24 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     flat = idx.reshape(B, -1)
     out = torch.gather(x, 1, flat.unsqueeze(-1).expand(-1, -1, D))
     return out.reshape(*idx.shape, D)
+
+
+# How a clip's tokens become one vector for a probe or a classification head:
+#   "time"  mean over the time patches, the frequency patches concatenated: [B, F * D]. What MSM-MAE/M2D and
+#           the EVAR benchmark use for frozen audio ViTs: it keeps where in frequency the energy is.
+#   "all"   mean over every patch: [B, D] (AudioMAE's fine-tuning head). Every frequency band then goes
+#           through one average of the same patch projection, so a probe no longer sees the band.
+POOLINGS = ("time", "all")
+
+
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pooling: str) -> torch.Tensor:
+    """Encoder output [B, n_time * n_freq, D] (time-major) -> [B, n_freq * D] ("time") or [B, D] ("all")."""
+    if pooling == "all":
+        return tokens.mean(dim=1)
+    if pooling != "time":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    B, _, D = tokens.shape
+    return tokens.reshape(B, grid[0], grid[1], D).mean(dim=1).reshape(B, grid[1] * D)
 
 
 # How the predictor's Linear layers start: "trunc_normal" is I-JEPA's (init_vit_weights below);
@@ -151,6 +169,18 @@ class SpectrogramEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, key_mask_ratio=key_mask_ratio, generator=generator)
         return self.norm(x)
+
+    def block_outputs(self, x: torch.Tensor, last: int) -> list[torch.Tensor]:
+        """The residual stream after each of the last `last` blocks, the final one through the encoder's
+        norm (so last=1 is forward(x)): [B, N, D] each, for data2vec-style multi-layer targets."""
+        x = self.embed(x)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - last:
+                outs.append(x)
+        outs[-1] = self.norm(outs[-1])
+        return outs
 
 
 class Predictor(nn.Module):

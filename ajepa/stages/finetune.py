@@ -17,6 +17,7 @@ from ajepa.downstream.metrics import secondary
 from ajepa.downstream.finetune import finetune_run, result_dict
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
+from ajepa.stages.tracking import open_live
 from ajepa.train.checkpoint import config_hash
 
 INITS = {"pretrained": "finetune", "random_init": "finetune_random_init"}
@@ -24,7 +25,7 @@ INITS = {"pretrained": "finetune", "random_init": "finetune_random_init"}
 
 def run(params: Params, benchmark: str) -> str:
     cfg = params.recipe(benchmark)
-    encoder_path = paths.pretrained_encoder()
+    encoder_path = paths.pretrained_encoder(params.downstream.encoder)
     if not encoder_path.exists():
         raise AjepaError(f"{encoder_path}: no pretrained encoder (run `ajepa pretrain` first)")
     task = load_task(benchmark, paths.features_dir(benchmark))
@@ -39,9 +40,10 @@ def run(params: Params, benchmark: str) -> str:
                  "clips": len(task.index), "device": device.type}
 
     inits = ["pretrained"] + (["random_init"] if cfg.random_init_baseline else [])
+    splits = task.splits[:cfg.runs] if cfg.runs else task.splits  # the first `runs` of the protocol
     results: dict[str, list] = {i: [] for i in inits}
     for init in inits:
-        for split in task.splits:
+        for split in splits:
             name = f"{init}-{split.name}"
             run_hash = config_hash({**base_hash, "run": name})
             done = state_dir / f"{name}.json"
@@ -51,7 +53,7 @@ def run(params: Params, benchmark: str) -> str:
             encoder = build_encoder(encoder_path, grid, random_init=init == "random_init", seed=cfg.seed,
                                     drop_path=cfg.drop_path)
             r = finetune_run(task, split, encoder, cfg, name, device, state_dir / f"{name}.pt", run_hash,
-                             live_dir=out / "live" / name)
+                             open_log=open_live(out / "live" / name))
             record = {"run_hash": run_hash, **result_dict(r)}
             write_json(done, record)
             (state_dir / f"{name}.pt").unlink(missing_ok=True)  # the record is the finished run
@@ -76,7 +78,7 @@ def run(params: Params, benchmark: str) -> str:
         conf = sum(_confusion(task, r) for r in results["pretrained"])
         plot_confusion(conf, task.classes, out / "plots" / "confusion.png",
                        title=f"{benchmark}: fine-tuned A-JEPA, test clips of every run")
-    lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(task.splits)} run(s) per init, "
+    lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(splits)} of {len(task.splits)} run(s) per init, "
              f"{len(task.classes)} classes"]
     for name, r in rows.items():
         std = f" +- {r['std']:.2f}" if "std" in r else ""

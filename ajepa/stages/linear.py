@@ -1,72 +1,93 @@
-"""`ajepa linear BENCH`: frozen-encoder linear evaluation of the pretrained encoder and its baselines."""
+"""`ajepa linear BENCH`: frozen-encoder probes of the pretrained encoders and their baselines.
+
+Rows (each the mean over the protocol's runs):
+  linear                  logistic regression on the pooled tokens of the encoder `downstream.encoder` names
+  linear_<other>_encoder  the same probe on the other pretrained encoder (context or target)
+  linear_random_init      the same architecture untrained (`linear.seed`): what pretraining adds
+  fbank_baseline          the time-averaged log-mel spectrogram: what the input alone gives
+  attentive               V-JEPA's attentive probe on the tokens of `downstream.encoder`
+  attentive_random_init   the attentive probe on the untrained encoder
+"""
 
 from __future__ import annotations
 
-import json
-
+import numpy as np
 import torch
 
 from ajepa import paths
 from ajepa.atomic import write_json
 from ajepa.config import Params
 from ajepa.downstream.common import build_encoder, file_sha256
-from ajepa.downstream.linear import cached_embeddings, embed, evaluate_embeddings, fbank_embeddings
+from ajepa.downstream.linear import (cached_embeddings, embed, embed_tokens, evaluate_embeddings, evaluate_tokens,
+                                     fbank_embeddings)
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
-from ajepa.train.checkpoint import config_hash
+from ajepa.train.checkpoint import config_hash, load_encoder_state
+
+ENCODERS = ("target", "context")
 
 
 def run(params: Params, benchmark: str) -> str:
     params.recipe(benchmark)  # an unknown benchmark fails here, with the known ones listed
-    cfg = params.linear
-    encoder_path = paths.pretrained_encoder()
-    if not encoder_path.exists():
-        raise AjepaError(f"{encoder_path}: no pretrained encoder (run `ajepa pretrain` first)")
+    cfg, chosen = params.linear, params.downstream.encoder
+    encoder_paths = {which: paths.pretrained_encoder(which) for which in ENCODERS}
+    for path in encoder_paths.values():
+        if not path.exists():
+            raise AjepaError(f"{path}: no pretrained encoder (run `ajepa pretrain` first)")
     task = load_task(benchmark, paths.features_dir(benchmark))
     grid = tuple(task.store.stats["grid"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    attentive = cfg.attentive.epochs > 0
 
-    # embeddings depend on the encoder weights, the features and the architecture's random init
-    # seed; the cache file name carries all three, so stale embeddings are never read
+    # embeddings depend on the encoder weights (or, untrained, its architecture and seed), the features
+    # and the pooling; the cache file names carry all of them, so stale embeddings are never read
     features_key = config_hash({k: task.store.stats[k] for k in ("mean", "std", "accepted", "grid")}
                                | {"clips": task.index["clip_id"].tolist()})[:12]
-    encoder_key = file_sha256(encoder_path)[:12]
     cache = paths.embeddings_dir(benchmark)
+    used: set[str] = set()
 
-    def encoder_embeddings(random_init: bool):
-        enc = build_encoder(encoder_path, grid, random_init=random_init, seed=cfg.seed)
-        return embed(enc, task, cfg.embed_batch_size, device)
+    def cached(name: str, compute) -> np.ndarray:
+        used.add(name)
+        return cached_embeddings(cache / name, compute)
+
+    def probe(label: str, key: str, make_encoder, with_tokens: bool) -> dict:
+        pooled = cached(f"{label}-{key}-{features_key}-{cfg.pooling}.npy",
+                        lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling))
+        out = {"linear": evaluate_embeddings(task, pooled, cfg)}
+        if with_tokens:
+            tokens = cached(f"{label}-{key}-{features_key}-tokens.npy",
+                            lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device))
+            out["attentive"] = evaluate_tokens(task, tokens, cfg)
+        return out
 
     rows = {}
-    emb = cached_embeddings(cache / f"pretrained-{encoder_key}-{features_key}.npy", lambda: encoder_embeddings(False))
-    rows["linear"] = evaluate_embeddings(task, emb, cfg)
-    arch_key = config_hash({"arch": _arch(encoder_path), "seed": cfg.seed})[:12]
-    emb = cached_embeddings(cache / f"random_init-{arch_key}-{features_key}.npy", lambda: encoder_embeddings(True))
-    rows["linear_random_init"] = evaluate_embeddings(task, emb, cfg)
-    emb = cached_embeddings(cache / f"fbank-{features_key}.npy", lambda: fbank_embeddings(task))
-    rows["fbank_baseline"] = evaluate_embeddings(task, emb, cfg)
-    _prune_cache(cache, keep={f"pretrained-{encoder_key}-{features_key}.npy",
-                              f"random_init-{arch_key}-{features_key}.npy", f"fbank-{features_key}.npy"})
+    for which in (chosen, *(e for e in ENCODERS if e != chosen)):
+        path = encoder_paths[which]
+        r = probe(which, file_sha256(path)[:12], lambda: build_encoder(path, grid), attentive and which == chosen)
+        rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
+        if "attentive" in r:
+            rows["attentive"] = r["attentive"]
+    arch = {k: v for k, v in load_encoder_state(encoder_paths[chosen])[1].items() if k != "grid"}
+    r = probe("random_init", config_hash({"arch": arch, "seed": cfg.seed})[:12],
+              lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive)
+    rows["linear_random_init"] = r["linear"]
+    if "attentive" in r:
+        rows["attentive_random_init"] = r["attentive"]
+    rows["fbank_baseline"] = evaluate_embeddings(task, cached(f"fbank-{features_key}.npy",
+                                                               lambda: fbank_embeddings(task)), cfg)
+    for f in cache.glob("*.npy"):  # embeddings of earlier encoders or features are dead weight
+        if f.name not in used:
+            f.unlink()
 
     out = paths.linear_results(benchmark)
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": task.metric,
-                                      "classes": len(task.classes), **rows})
+                                      "classes": len(task.classes), "encoder": chosen, "pooling": cfg.pooling,
+                                      **rows})
     m = task.metric
-    lines = [f"linear {benchmark}: {task.protocol} protocol, {len(task.splits)} run(s), {len(task.classes)} classes"]
+    lines = [f"linear {benchmark}: {task.protocol} protocol, {len(task.splits)} run(s), {len(task.classes)} classes, "
+             f"{chosen} encoder, pooling over {cfg.pooling}"]
     for name, r in rows.items():
         std = f" +- {r['std']:.2f}" if "std" in r else ""
-        lines.append(f"  {name:20s} {m} {r[m]:6.2f}{std}")
+        lines.append(f"  {name:24s} {m} {r[m]:6.2f}{std}")
     lines.append(f"  -> {out / 'metrics.json'}")
     return "\n".join(lines)
-
-
-def _arch(encoder_path) -> dict:
-    from ajepa.train.checkpoint import load_encoder_state
-    return {k: v for k, v in load_encoder_state(encoder_path)[1].items() if k != "grid"}
-
-
-def _prune_cache(cache, keep: set[str]) -> None:
-    """Embeddings of earlier encoders or features are dead weight once replaced."""
-    for f in cache.glob("*.npy"):
-        if f.name not in keep:
-            f.unlink()

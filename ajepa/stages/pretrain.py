@@ -1,4 +1,4 @@
-"""`ajepa pretrain`: A-JEPA self-supervised pretraining on a feature store (torchrun-aware)."""
+"""`ajepa pretrain`: A-JEPA self-supervised pretraining on the pooled feature stores (torchrun-aware)."""
 
 from __future__ import annotations
 
@@ -7,52 +7,88 @@ import torch
 from ajepa import paths
 from ajepa.atomic import write_json
 from ajepa.config import Params
-from ajepa.data.store import FeatureStore
+from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.errors import AjepaError
 from ajepa.masks import block_masks, time_frequency_masks
 from ajepa.plots import plot_masks
+from ajepa.stages.pool import check as check_pool
+from ajepa.stages.tracking import open_live
 from ajepa.train.distributed import cleanup, init_distributed
 from ajepa.train.pretrain import PretrainPaths, build_mask_generator, pretrain
 
+ENCODERS = ("context", "target")
+
 
 def output_paths() -> PretrainPaths:
-    return PretrainPaths(encoder=paths.pretrain_dir() / "encoder.safetensors", state=paths.pretrain_state_dir(),
-                         live=paths.pretrain_results() / "live", metrics=paths.pretrain_results() / "metrics.json")
+    return PretrainPaths(encoders={k: paths.pretrained_encoder(k) for k in ENCODERS}, state=paths.pretrain_state_dir(),
+                         metrics=paths.pretrain_results() / "metrics.json")
+
+
+def pool(params: Params) -> StoreUnion:
+    """The clips of pretrain.splits in every store of pretrain.datasets, as one sequence."""
+    cfg = params.pretrain
+    stores = []
+    for name in cfg.datasets:
+        check_pool(params, name)
+        store = FeatureStore(paths.features_dir(name), splits=tuple(cfg.splits))
+        if len(store) == 0:
+            raise AjepaError(f"{store.root}: no clips in splits {cfg.splits} (pretrain.splits)")
+        stores.append(store)
+    return StoreUnion(stores)
+
+
+def learning_curve(params: Params, device: torch.device):
+    """evaluate(step, model) for the pretraining loop: the validation probe (ajepa.downstream.linear) of
+    each configured encoder on the labeled clips of each pretraining dataset that has them, or None when
+    pretrain.probe.every is 0 or no pretraining dataset is labeled."""
+    cfg = params.pretrain.probe
+    from ajepa.downstream.linear import validation_probe
+    from ajepa.downstream.protocols import load_task
+    labeled = [d for d in params.pretrain.datasets if FeatureStore(paths.features_dir(d)).stats.get("classes")]
+    if not cfg.every or not labeled:
+        return None
+    tasks = {b: load_task(b, paths.features_dir(b)) for b in labeled}
+
+    def evaluate(step: int, model) -> dict:
+        return {f"probe/{bench}/{which}": validation_probe(getattr(model, f"{which}_encoder"), task, cfg.l2, device)
+                for bench, task in tasks.items() for which in cfg.encoders}
+    return evaluate
 
 
 def run(params: Params, stop_after: int | None = None) -> str:
     cfg = params.pretrain
-    store_dir = paths.features_dir(cfg.dataset)
-    store = FeatureStore(store_dir, splits=tuple(cfg.splits))
-    if len(store) == 0:
-        raise AjepaError(f"{store_dir}: no clips in splits {cfg.splits} (pretrain.splits)")
+    store = pool(params)
     dist = init_distributed()
     try:
         out = output_paths()
         if dist.is_main:
             _draw_masks(cfg, store, out)
-        r = pretrain(cfg, store, out, dist, stop_after=stop_after)
+        evaluate = learning_curve(params, dist.device) if dist.is_main else None
+        r = pretrain(cfg, store, out, dist, open_log=open_live(paths.pretrain_live_dir()), stop_after=stop_after, evaluate=evaluate)
         if dist.is_main:
             write_json(out.metrics, {"steps": r.steps, "final_loss": r.final_loss, "tf_fraction": r.tf_fraction,
                                      "target_rank": round(r.target_rank, 2),
                                      "samples_per_s": round(r.samples_per_s, 2), "seconds": round(r.seconds, 1),
-                                     "world_size": dist.world_size, "device": str(dist.device)})
+                                     "probe_seconds": round(r.probe_seconds, 1), "world_size": dist.world_size,
+                                     "device": str(dist.device)})
     finally:
         cleanup()
     if not dist.is_main:
         return ""
-    where = f"encoder {out.encoder}" if out.encoder.exists() and stop_after is None else f"checkpoint {out.state}"
+    done = all(p.exists() for p in out.encoders.values()) and stop_after is None
+    where = f"encoders {', '.join(map(str, out.encoders.values()))}" if done else f"checkpoint {out.state}"
     return (f"pretrain: {r.steps - r.start_step} steps (from step {r.start_step}, {r.steps} done) on {len(store)} "
-            f"clips of {cfg.dataset} with {dist.world_size} process(es) on {dist.device}; final loss "
+            f"clips of {', '.join(cfg.datasets)} with {dist.world_size} process(es) on {dist.device}; final loss "
             f"{r.final_loss:.4f}; {r.tf_fraction:.0%} of steps used time-frequency masks; "
-            f"{r.samples_per_s:.0f} samples/s, {r.seconds:.0f} s; {where}; curves in {out.live}/.")
+            f"{r.samples_per_s:.0f} samples/s, {r.seconds:.0f} s (+ {r.probe_seconds:.0f} s of learning-curve "
+            f"probes); {where}; curves in {paths.pretrain_live_dir()}/.")
 
 
-def _draw_masks(cfg, store: FeatureStore, out: PretrainPaths) -> None:
+def _draw_masks(cfg, store: StoreUnion, out: PretrainPaths) -> None:
     grid = tuple(store.stats["grid"])
     gen = build_mask_generator(cfg, grid, total_steps=1)
     x = torch.stack([store[i] for i in range(min(3, len(store)))])
     g = torch.Generator().manual_seed(cfg.seed)
     examples = {"block": block_masks(len(x), grid, g, **gen.block_kw),
                 "time-frequency": time_frequency_masks(len(x), grid, g, **gen.tf_kw)}
-    plot_masks(x, examples, grid, int(store.stats["patch_size"]), out.live.parent / "masks.png")
+    plot_masks(x, examples, grid, int(store.stats["patch_size"]), paths.pretrain_results() / "masks.png")

@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["WarmupCosine", "CosineWeightDecay", "LinearMomentum", "param_groups", "NO_DECAY_NAMES"]
+__all__ = ["WarmupCosine", "CosineWeightDecay", "LinearMomentum", "param_groups", "layer_decay_groups",
+           "NO_DECAY_NAMES"]
 
 # Learned tokens and positional tables are embeddings, not weights: decaying them pulls them towards 0
 # for no regularisation benefit (MAE/I-JEPA/timm exclude them too).
@@ -139,3 +140,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (decay if _decays(name, p) else no_decay).append(p)
     return [{"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups keyed by (layer, decays?), each with its `lr_scale` for layer-wise lr decay (BEiT,
+    AudioMAE): on a classifier with an `encoder` of L blocks, block l trains at decay^(L + 1 - l), the
+    patch embedding at decay^(L + 1), everything after the blocks at the full lr."""
+    depth = len(model.encoder.blocks)
+
+    def layer_of(name: str) -> int:
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        if name.startswith("encoder.patch_embed"):
+            return 0
+        return depth + 1  # encoder.norm, norm, head
+
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decays = layer_of(name), _decays(name, p)
+        g = groups.setdefault((layer, decays), {
+            "name": f"layer{layer}_{'decay' if decays else 'no_decay'}", "params": [],
+            "weight_decay": weight_decay if decays else 0.0, "lr_scale": layer_decay ** (depth + 1 - layer)})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

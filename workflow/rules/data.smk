@@ -16,6 +16,7 @@ rule prepare:
         "ajepa/data/download.py",
         "ajepa/data/archive.py",
         "ajepa/data/synth.py",
+        "ajepa/data/words.py",
         "ajepa/data/esc50.py",
         "ajepa/data/speech_commands.py",
         "ajepa/data/audioset.py",
@@ -63,3 +64,25 @@ rule features:
         "../envs/ajepa.yaml"
     shell:
         "ajepa features {wildcards.dataset} 2> {log}"
+
+
+rule pool:
+    input:
+        "data/features/{dataset}",
+        "ajepa/stages/pool.py",
+        "ajepa/data/store.py",
+        "ajepa/data/frontend.py",
+    output:
+        "data/pool/{dataset}.json",
+    params:
+        datasets=config["pretrain"]["datasets"],
+        splits=config["pretrain"]["splits"],
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        "logs/pool/{dataset}.log",
+    conda:
+        "../envs/ajepa.yaml"
+    shell:
+        "ajepa pool {wildcards.dataset} 2> {log}"

@@ -15,13 +15,15 @@ wildcard_constraints:
 rule linear:
     input:
         "data/features/{bench}",
-        "models/pretrain/encoder.safetensors",
+        "models/pretrain/context_encoder.safetensors",
+        "models/pretrain/target_encoder.safetensors",
         "ajepa/stages/linear.py",
         DOWNSTREAM_CODE,
     output:
         "results/linear/{bench}/metrics.json",
     params:
         settings=config["linear"],
+        encoder=config["downstream"]["encoder"],
     threads: workflow.cores
     resources:
         gpu=0,
@@ -38,13 +40,12 @@ rule linear:
 rule finetune:
     input:
         "data/features/{bench}",
-        "models/pretrain/encoder.safetensors",
+        f"models/pretrain/{config['downstream']['encoder']}_encoder.safetensors",
         "ajepa/stages/finetune.py",
+        "ajepa/stages/tracking.py",
         "ajepa/downstream/finetune.py",
         DOWNSTREAM_CODE,
         "ajepa/train/schedules.py",
-        "ajepa/train/distributed.py",
-        "ajepa/train/pretrain.py",
         "ajepa/plots.py",
     output:
         "results/finetune/{bench}/metrics.json",
@@ -52,6 +53,7 @@ rule finetune:
         directory("results/finetune/{bench}/plots"),
     params:
         settings=lambda w: config["finetune"][w.bench],
+        encoder=config["downstream"]["encoder"],
     threads: workflow.cores
     resources:
         gpu=0,
@@ -81,8 +83,10 @@ rule report:
         directory("results/plots"),
     params:
         benchmarks=BENCHMARKS,
-        pretrain={k: config["pretrain"][k] for k in ("dataset", "splits", "encoder", "predictor")},
+        pretrain={k: config["pretrain"][k] for k in ("datasets", "splits", "encoder", "predictor")},
         masking=config["pretrain"]["masking"]["mode"],
+        encoder=config["downstream"]["encoder"],
+        pooling=config["linear"]["pooling"],
     resources:
         mem_mb=2000,
         runtime=15,

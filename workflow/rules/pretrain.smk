@@ -6,8 +6,10 @@
 
 rule pretrain:
     input:
-        f"data/features/{config['pretrain']['dataset']}",
+        expand("data/pool/{dataset}.json", dataset=config["pretrain"]["datasets"]),
         "ajepa/stages/pretrain.py",
+        "ajepa/stages/pool.py",
+        "ajepa/stages/tracking.py",
         "ajepa/train/pretrain.py",
         "ajepa/train/schedules.py",
         "ajepa/train/checkpoint.py",
@@ -15,11 +17,16 @@ rule pretrain:
         "ajepa/data/loader.py",
         "ajepa/data/store.py",
         "ajepa/data/frontend.py",
+        "ajepa/downstream/linear.py",
+        "ajepa/downstream/protocols.py",
+        "ajepa/downstream/metrics.py",
+        "ajepa/downstream/common.py",
         "ajepa/masks.py",
         "ajepa/models",
         "ajepa/plots.py",
     output:
-        "models/pretrain/encoder.safetensors",
+        "models/pretrain/context_encoder.safetensors",
+        "models/pretrain/target_encoder.safetensors",
         "results/pretrain/masks.png",
         "results/pretrain/metrics.json",
     params:
