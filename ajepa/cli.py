@@ -1,4 +1,4 @@
-"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`, `preset` and `dag`. The only
+"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`, `preset` and `params-doc`. The only
 argument parser."""
 
 from __future__ import annotations
@@ -48,12 +48,6 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
-    s = sub.add_parser("dag", help="the pipeline's stages, commands and edges; --check compares dvc.yaml with "
-                                   "the Snakefile (run in the repository root)")
-    s.add_argument("--check", action="store_true",
-                   help="fail (exit 1) unless dvc.yaml and the Snakefile have the same stages, commands, "
-                        "edges, outputs and source inputs")
-
     s = sub.add_parser("bench", help="measure throughput of a stage")
     bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
@@ -87,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
             print(presets.describe(args.name, args.params, changes, args.dry_run))
             return 0
-        if args.command == "dag":
-            return _dag(args.check)
         if args.command == "params-doc":
             from ajepa import paramdoc
             print(paramdoc.render(args.params), end="")
@@ -126,21 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ajepa {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _dag(check: bool) -> int:
-    from ajepa import dag
-    pipeline, diffs = dag.check(".")
-    if not check:
-        print(dag.describe(pipeline))
-    if diffs:
-        print(f"ajepa dag: dvc.yaml and the Snakefile differ in {len(diffs)} place(s):", file=sys.stderr)
-        print("\n".join(f"  {d}" for d in diffs), file=sys.stderr)
-        return 1 if check else 0
-    if check:
-        print(f"dag: dvc.yaml and the Snakefile agree: {len(pipeline.stages)} stages, {len(pipeline.edges)} edges, "
-              f"the same commands, outputs and source inputs.")
-    return 0
 
 
 if __name__ == "__main__":

@@ -58,3 +58,21 @@ def run(cmd, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def parse_dry_run(text: str) -> list[dict]:
+    """The job blocks of `snakemake --dry-run --printshellcmds` (Snakemake 9): rule, its "key: value"
+    lines (input, output, log, wildcards, resources, ...) and the shell command."""
+    jobs, job = [], None
+    for line in text.splitlines():
+        if not line.startswith(" ") and line.strip().removeprefix("local").startswith("rule ") and line.endswith(":"):
+            job = {"rule": line.strip().removeprefix("local").split()[1].rstrip(":")}
+            jobs.append(job)
+        elif job is not None and line.startswith("Shell command:"):
+            job["shell"], job = line.split(":", 1)[1].strip(), None
+        elif job is not None and line.startswith("    ") and ":" in line:
+            key, value = line.strip().split(":", 1)
+            job[key] = value.strip()
+        elif not line.strip():
+            job = None
+    return jobs

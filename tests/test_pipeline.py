@@ -15,8 +15,7 @@ import pytest
 import torch
 import yaml
 
-from ajepa.dag import normalise_command, parse_dry_run
-from conftest import make_project_copy, run, tiny_params
+from conftest import make_project_copy, parse_dry_run, run, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +189,7 @@ def test_slurm_profile_submits_pretraining_to_several_gpus_under_torchrun(snakem
     assert resources["finetune"]["gpu"] == resources["linear"]["gpu"] == "1"
     shell = jobs["pretrain"]["shell"]
     assert shell.startswith("torchrun --standalone --nproc_per_node 8 --no-python ajepa pretrain")
-    assert normalise_command(shell, [jobs["pretrain"]["log"]]) == ["ajepa", "pretrain"]  # dvc.yaml's command
+    assert shell.endswith(f"--no-python ajepa pretrain 2> {jobs['pretrain']['log']}")  # dvc.yaml's command
     # the sbatch line the plugin builds from these resources
     from types import SimpleNamespace
 
