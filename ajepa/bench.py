@@ -26,7 +26,7 @@ BENCH_SR, BENCH_SECONDS = 44100, 10.0
 
 def _bench_clips(root: Path, n: int) -> pd.DataFrame:
     """n distinct 10 s clips at 44.1 kHz (PCM16 WAV, as ESC-50 ships), from the synthetic generator."""
-    spec = synth.SynthSpec(seed=1, duration_s=BENCH_SECONDS, sample_rate=BENCH_SR, snr_db=(5.0, 30.0))
+    spec = synth.GeneratorSpec(seed=1, duration_s=BENCH_SECONDS, sample_rate=BENCH_SR, snr_db=(5.0, 30.0))
     distinct = min(n, 16)  # generating is slower than extracting; repeat a few distinct files
     for i in range(distinct):
         sf.write(root / f"clip{i}.wav", synth.clip(spec, 0, i, synth.CLASSES[i % len(synth.CLASSES)]),
@@ -116,17 +116,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     n_threads = flops.configure_cpu_threads(threads) if not cuda else torch.get_num_threads()
     busy = None if cuda else flops.cpu_busy_fraction(0.5)
 
-    cfg = params.pretrain
-    if encoder != "config":
-        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **SIZES[encoder]))
-    pred = {k: v for k, v in (("embed_dim", predictor_dim), ("depth", predictor_depth)) if v is not None}
-    if pred:
-        cfg = dataclasses.replace(cfg, predictor=dataclasses.replace(cfg.predictor, **pred))
-    patch = params.features.patch_size
-    length = target_length or params.dataset(cfg.datasets[0]).target_length
-    if length % patch:
-        raise AjepaError(f"--target-length {length}: must be a multiple of features.patch_size ({patch})")
-    grid = (length // patch, params.features.num_mel_bins // patch)
+    cfg, length, grid, patch = _bench_config(params, encoder, target_length, predictor_dim, predictor_depth)
     batch = batch or cfg.optim.batch_size
 
     torch.manual_seed(0)
@@ -144,35 +134,25 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     # minute, and one peak taken before all timing made MFU swing with that drift.
     peaks = [flops.matmul_peak_flops(dev, seconds=0.7)]
     x = torch.randn(batch, length, grid[1] * patch, device=dev)
-    per_mode = {}
-    for mode in ("block", "tf"):
-        gen = masks.MaskGenerator(grid, mode=mode, seed=cfg.seed, **_mask_kwargs(cfg))
-        drawn = [gen(batch, s) for s in range(warmup + steps)]
-        batches = [(x, mk.context.to(dev), mk.targets.to(dev)) for mk in drawn]
-        seconds = flops.measure_step(model, opt, lambda i: batches[i], steps=steps, warmup=warmup,
-                                     step_fn=step_fn, reduce="mean")
-        peaks.append(flops.matmul_peak_flops(dev, seconds=0.7))
-        peak = (peaks[-2] + peaks[-1]) / 2
-        step_flops = sum(flops.ajepa_step_flops(enc_cfg, pred_cfg, grid, batch, mk.context.shape[1],
-                                                mk.targets.shape[1], mk.targets.shape[2])
-                         for mk in drawn[warmup:]) / steps
-        per_mode[mode] = {"seconds_per_step": seconds, "samples_per_s": batch / seconds,
-                          "model_flops_per_step": step_flops, "model_flops_per_s": step_flops / seconds,
-                          "peak_flops_per_s": peak, "mfu": step_flops / seconds / peak,
-                          "context_patches": sum(mk.context.shape[1] for mk in drawn[warmup:]) / steps}
-    p_tf = _expected_tf_fraction(cfg.masking.mode, cfg.masking.curriculum_c0)
+    per_mode = {mode: _time_mode(model, opt, step_fn, x, cfg, mode, grid, steps, warmup, peaks)
+                for mode in ("block", "tf")}
+    r = {"device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({n_threads} threads)",
+         "dtype": "bf16 autocast" if cuda else "fp32", "cpu_busy_before": None if busy is None else round(busy, 3),
+         "encoder": {k: enc_cfg[k] for k in ("embed_dim", "depth", "num_heads")},
+         "predictor": {"embed_dim": pred_cfg["predictor_dim"], "depth": pred_cfg["depth"],
+                       "num_heads": pred_cfg["num_heads"]},
+         "input": [length, grid[1] * patch], "grid": list(grid), "batch": batch, "steps": steps,
+         "masking_mode": cfg.masking.mode}
+    return {**r, **_mixed(per_mode, peaks, batch, _expected_tf_fraction(cfg.masking.mode, cfg.masking.curriculum_c0))}
+
+
+def _mixed(per_mode: dict, peaks: list[float], batch: int, p_tf: float) -> dict:
+    """The headline figures: the block and TF steps mixed in the proportion the masking mode draws."""
     weights = {"tf": p_tf, "block": 1 - p_tf}
     mix = {k: sum(w * per_mode[mode][k] for mode, w in weights.items())
            for k in ("seconds_per_step", "model_flops_per_step")}
-    r = {
-        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({n_threads} threads)",
-        "dtype": "bf16 autocast" if cuda else "fp32",
-        "cpu_busy_before": None if busy is None else round(busy, 3),
-        "encoder": {k: enc_cfg[k] for k in ("embed_dim", "depth", "num_heads")},
-        "predictor": {"embed_dim": pred_cfg["predictor_dim"], "depth": pred_cfg["depth"],
-                      "num_heads": pred_cfg["num_heads"]},
-        "input": [length, grid[1] * patch], "grid": list(grid), "batch": batch, "steps": steps,
-        "masking_mode": cfg.masking.mode, "tf_fraction": round(p_tf, 3),
+    return {
+        "tf_fraction": round(p_tf, 3),
         "peak_flops_per_s": sum(peaks) / len(peaks),
         "peak_measurements": peaks,  # before block, between, after tf
         # max / min - 1 of the three: how much the machine's speed drifted during the run
@@ -180,11 +160,48 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
         "samples_per_s": batch / mix["seconds_per_step"],
         "model_flops_per_s": mix["model_flops_per_step"] / mix["seconds_per_step"],
         "modes": per_mode,
+        # the model FLOPs of the mixed step over what the peak, as measured around each mode, does in its time
+        "mfu": mix["model_flops_per_step"] / sum(
+            w * per_mode[k]["seconds_per_step"] * per_mode[k]["peak_flops_per_s"] for k, w in weights.items()),
     }
-    # the model FLOPs of the mixed step over what the peak, as measured around each mode, does in its time
-    r["mfu"] = mix["model_flops_per_step"] / sum(
-        w * per_mode[k]["seconds_per_step"] * per_mode[k]["peak_flops_per_s"] for k, w in weights.items())
-    return r
+
+
+def _bench_config(params, encoder: str, target_length: int | None, predictor_dim: int | None,
+                  predictor_depth: int | None):
+    """(pretrain config with the size overrides, input frames, patch grid, patch size)."""
+    cfg = params.pretrain
+    if encoder != "config":
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **SIZES[encoder]))
+    pred = {k: v for k, v in (("embed_dim", predictor_dim), ("depth", predictor_depth)) if v is not None}
+    if pred:
+        cfg = dataclasses.replace(cfg, predictor=dataclasses.replace(cfg.predictor, **pred))
+    patch = params.features.patch_size
+    length = target_length or params.dataset(cfg.datasets[0]).target_length
+    if length % patch:
+        raise AjepaError(f"--target-length {length}: must be a multiple of features.patch_size ({patch})")
+    return cfg, length, (length // patch, params.features.num_mel_bins // patch), patch
+
+
+def _time_mode(model, opt, step_fn, x: torch.Tensor, cfg, mode: str, grid, steps: int, warmup: int,
+               peaks: list[float]) -> dict:
+    """Time `steps` real steps with `mode` masks; measure the matmul peak after them (appended to
+    `peaks`) and relate the step's model FLOP/s to the mean of the peaks before and after (MFU)."""
+    from ajepa import flops
+
+    dev, batch = x.device, x.shape[0]
+    enc_cfg, pred_cfg, _ = flops.model_configs(model)
+    gen = masks.MaskGenerator(grid, mode=mode, seed=cfg.seed, **_mask_kwargs(cfg))
+    drawn = [gen(batch, s) for s in range(warmup + steps)]
+    batches = [(x, mk.context.to(dev), mk.targets.to(dev)) for mk in drawn]
+    seconds = flops.measure_step(model, opt, lambda i: batches[i], steps=steps, warmup=warmup, step_fn=step_fn,
+                                 reduce="mean")
+    peaks.append(flops.matmul_peak_flops(dev, seconds=0.7))
+    peak = (peaks[-2] + peaks[-1]) / 2
+    step_flops = sum(flops.ajepa_step_flops(enc_cfg, pred_cfg, grid, batch, mk.context.shape[1], mk.targets.shape[1],
+                                            mk.targets.shape[2]) for mk in drawn[warmup:]) / steps
+    return {"seconds_per_step": seconds, "samples_per_s": batch / seconds, "model_flops_per_step": step_flops,
+            "model_flops_per_s": step_flops / seconds, "peak_flops_per_s": peak, "mfu": step_flops / seconds / peak,
+            "context_patches": sum(mk.context.shape[1] for mk in drawn[warmup:]) / steps}
 
 
 def _mask_kwargs(cfg) -> dict:

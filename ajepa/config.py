@@ -294,6 +294,7 @@ class FinetuneConfig:
     weight_decay: float  # not on norms, biases, positional tables
     layer_decay: float  # layer-wise lr decay (AudioMAE 0.75): layer l of L gets lr * decay^(L + 1 - l)
     pooling: Literal["all", "time"]  # head input: mean of every patch (AudioMAE) or over time, frequency kept
+    head_init: Literal["zero", "probe"]  # zero: AudioMAE's (std 2e-5); probe: the linear probe's solution (LP-FT)
     drop_path: float  # stochastic depth (the deepest block's rate)
     key_mask_ratio: float  # regularized masking (paper 0.1); 0 disables
     specaug_time: int  # max frames of the one time mask per clip (AudioMAE timem); 0 disables
@@ -467,22 +468,7 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         return value
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            _bad(key or "<top level>", value, f"must be a mapping with keys {[f.name for f in dataclasses.fields(tp)]}")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        for k in value:
-            if k not in names:
-                _bad(_join(key, k), value[k], f"unknown key (expected one of: {', '.join(names)})")
-        kwargs = {}
-        for name in names:
-            if name not in value:
-                raise ConfigError(f"{_join(key, name)} is missing")
-            kwargs[name] = _build(hints[name], value[name], _join(key, name))
-        obj = tp(**kwargs)
-        if hasattr(obj, "check"):
-            obj.check(key)
-        return obj
+        return _build_dataclass(tp, value, key)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -527,6 +513,26 @@ def _build(tp: Any, value: Any, key: str) -> Any:
             _bad(key, value, "must be a string")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _build_dataclass(tp: Any, value: Any, key: str) -> Any:
+    """A section: every field present, no unknown key, each built by its type, then the section's check."""
+    if not isinstance(value, dict):
+        _bad(key or "<top level>", value, f"must be a mapping with keys {[f.name for f in dataclasses.fields(tp)]}")
+    hints = typing.get_type_hints(tp)
+    names = [f.name for f in dataclasses.fields(tp)]
+    for k in value:
+        if k not in names:
+            _bad(_join(key, k), value[k], f"unknown key (expected one of: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in value:
+            raise ConfigError(f"{_join(key, name)} is missing")
+        kwargs[name] = _build(hints[name], value[name], _join(key, name))
+    obj = tp(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check(key)
+    return obj
 
 
 def _join(key: str, name: str) -> str:

@@ -239,3 +239,23 @@ def test_perfect_auc_gives_json_safe_null_d_prime():
     summary = summarize([run], "mAP")
     assert summary["d_prime"] is None and summary["mAUC"] == 1.0
     json.dumps(summary, allow_nan=False)  # strict JSON: DVC and other readers parse it
+
+
+def test_probe_head_starts_fine_tuning_from_the_linear_probe():
+    """LP-FT: with head_init "probe" the untouched classifier already scores what a logistic regression
+    of its own head inputs scores; AudioMAE's near-zero head starts at chance."""
+    from ajepa.downstream import finetune
+    from ajepa.models import SpectrogramEncoder
+
+    task = _spectrogram_task(n=96)
+    split = task.splits[0]
+    cpu = torch.device("cpu")
+    scores = {}
+    for init in ("zero", "probe"):
+        torch.manual_seed(0)
+        model = finetune.Classifier(SpectrogramEncoder((2, 8), 16, 32, 2, 2), 4, "time")
+        if init == "probe":
+            finetune.probe_head(model, task, split, [0.1, 0.01], 16, cpu)
+        logits = finetune.predict(model, task, split.val, 32, cpu, torch.autocast("cpu", enabled=False))
+        scores[init] = task.selection_score(task.y[split.val], logits)
+    assert scores["probe"] > 90 and scores["zero"] <= 50

@@ -99,7 +99,7 @@ def test_published_datasets_become_stages_in_both_orchestrators(tmp_path):
     for d in published:
         assert f"prepare@{d}" in stages and f"features@{d}" in stages
         assert f"prepare@{d}" in status  # its params (datasets.{d}.prepare) resolve
-        assert f"dataset={d}" in dry
+        assert f"item={d}" in dry
     assert "prepare@synth" in stages
 
 

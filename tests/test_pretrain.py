@@ -27,7 +27,7 @@ from conftest import run, tiny_params
 def store_dir(tmp_path_factory):
     """A pool of 48 one-second synthetic clips as features (96 x 128, a 6 x 8 patch grid)."""
     root = tmp_path_factory.mktemp("features")
-    spec = synth.SynthSpec(seed=3, duration_s=1.0, sample_rate=16000, snr_db=(10.0, 30.0))
+    spec = synth.GeneratorSpec(seed=3, duration_s=1.0, sample_rate=16000, snr_db=(10.0, 30.0))
     synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=48)
     rows = unlabeled_rows(root / "raw", "meta/pool.csv", "pool")
     out = root / "data" / "features" / "synth"

@@ -6,7 +6,7 @@ import numpy as np
 from ajepa.data import synth
 from ajepa.data.manifest import esc50_layout, unlabeled_rows
 
-SPEC = synth.SynthSpec(seed=7, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
+SPEC = synth.GeneratorSpec(seed=7, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
 
 
 def _digest(root: Path) -> str:
@@ -21,7 +21,7 @@ def _digest(root: Path) -> str:
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     synth.generate(tmp_path / "a", SPEC, clips_per_class=5, num_folds=5, pool_clips=6)
     synth.generate(tmp_path / "b", SPEC, clips_per_class=5, num_folds=5, pool_clips=6, workers=2)  # processes: same files
-    other = synth.SynthSpec(seed=8, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
+    other = synth.GeneratorSpec(seed=8, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
     synth.generate(tmp_path / "c", other, clips_per_class=5, num_folds=5, pool_clips=6)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")

@@ -13,7 +13,7 @@ from ajepa.data.manifest import unlabeled_rows
 from ajepa.data.sources import Located
 from ajepa.data.speech_commands import build_spc2
 
-SPEC = words.WordsSpec(seed=5, duration_s=1.0, sample_rate=16000, snr_db=(20.0, 30.0))
+SPEC = words.GeneratorSpec(seed=5, duration_s=1.0, sample_rate=16000, snr_db=(20.0, 30.0))
 
 
 def _digest(root: Path) -> str:
@@ -29,7 +29,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     args = dict(speakers=(2, 1, 1), repetitions=1, pool_clips=5, pool_speakers=3)
     words.generate(tmp_path / "a", SPEC, **args)
     words.generate(tmp_path / "b", SPEC, workers=2, **args)  # processes: the same files
-    other = words.WordsSpec(seed=6, duration_s=1.0, sample_rate=16000, snr_db=(20.0, 30.0))
+    other = words.GeneratorSpec(seed=6, duration_s=1.0, sample_rate=16000, snr_db=(20.0, 30.0))
     words.generate(tmp_path / "c", other, **args)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")

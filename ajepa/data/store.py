@@ -81,6 +81,54 @@ def _process_chunk(task):
     return start, shard_path, results
 
 
+def _plan(manifest: pd.DataFrame, root: Path, shard_clips: int, target_length: int, mel_bins: int) -> list[tuple]:
+    """Pre-allocate the shards under `root` and cut the manifest into worker tasks (shard, row, paths)."""
+    tasks, n = [], len(manifest)
+    for s, shard_start in enumerate(range(0, n, shard_clips)):
+        rows = min(shard_clips, n - shard_start)
+        shard_path = root / f"shard-{s:05d}.npy"
+        # open_memmap writes the header and sizes the file sparsely: nothing is held in memory
+        np.lib.format.open_memmap(shard_path, mode="w+", dtype=np.float16, shape=(rows, target_length, mel_bins)).flush()
+        for c in range(0, rows, CHUNK_CLIPS):
+            paths = manifest["path"].iloc[shard_start + c: shard_start + min(c + CHUNK_CLIPS, rows)].tolist()
+            tasks.append((str(shard_path), c, paths, target_length))
+    return tasks
+
+
+def _run(tasks: list[tuple], frontend: FrontEnd, workers: int, bar) -> list[tuple]:
+    """Every task's per-clip results, in task order (so in manifest order), from `workers` processes."""
+    results, pool = {}, None
+    if workers == 1:
+        _init_worker(frontend)
+        outputs = map(_process_chunk, tasks)
+    else:
+        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(frontend,))
+        outputs = pool.imap_unordered(_process_chunk, tasks)
+    try:
+        for start, shard_path, chunk in outputs:
+            results[(shard_path, start)] = chunk
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return [clip for shard_path, start, _, _ in tasks for clip in results[(shard_path, start)]]
+
+
+def _statistics(manifest: pd.DataFrame, numbers: np.ndarray, ok: np.ndarray) -> tuple[float, float, int]:
+    """(mean, std, values) over the valid frames of the readable clips of the statistics splits."""
+    in_stats = manifest["split"].isin(STATS_SPLITS).to_numpy() & ok
+    if not in_stats.any():
+        raise AjepaError(f"no readable clip in the statistics splits {STATS_SPLITS}: cannot normalise")
+    total, total_sq, count = numbers[in_stats, 1:4].sum(axis=0)
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+    if std == 0.0:
+        raise AjepaError("statistics: zero standard deviation over the training clips (all silent?)")
+    return float(mean), std, int(count)
+
+
 def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, target_length: int,
                      shard_clips: int, num_workers: int, max_reject_fraction: float,
                      extra_stats: dict | None = None, progress: bool = True) -> ExtractSummary:
@@ -89,49 +137,15 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
     Raises AjepaError when the rejected fraction exceeds `max_reject_fraction`; the rejects list is
     then kept beside the (not installed) output as `<out_dir>.rejects.csv`.
     """
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    n = len(manifest)
+    t0, out_dir, n = time.perf_counter(), Path(out_dir), len(manifest)
     if n == 0:
         raise AjepaError("manifest has no clips: nothing to extract")
-    workers = num_workers or os.cpu_count() or 1
     rejected_path = out_dir.with_name(out_dir.name + ".rejects.csv")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        tasks = []
-        for s, shard_start in enumerate(range(0, n, shard_clips)):
-            rows = min(shard_clips, n - shard_start)
-            shard_path = tmp / f"shard-{s:05d}.npy"
-            # open_memmap writes the header and sizes the file sparsely: nothing is held in memory
-            np.lib.format.open_memmap(shard_path, mode="w+", dtype=np.float16,
-                                      shape=(rows, target_length, frontend.num_mel_bins)).flush()
-            for c in range(0, rows, CHUNK_CLIPS):
-                paths = manifest["path"].iloc[shard_start + c: shard_start + min(c + CHUNK_CLIPS, rows)].tolist()
-                tasks.append((str(shard_path), c, paths, target_length))
-        results = {}
-        bar = progress_bar(n, f"features {out_dir.name}", "clip", enabled=progress)
-        if workers == 1:
-            _init_worker(frontend)
-            outputs = map(_process_chunk, tasks)
-            pool = None
-        else:
-            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(frontend,))
-            outputs = pool.imap_unordered(_process_chunk, tasks)
-        try:
-            for start, shard_path, chunk in outputs:
-                results[(shard_path, start)] = chunk
-                bar.update(len(chunk))
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-
-        # reassemble in manifest order
-        per_clip = []
-        for shard_path, start, _, _ in tasks:
-            per_clip.extend(results[(shard_path, start)])
-        shard_of, row_of = np.divmod(np.arange(n), shard_clips)
+        tasks = _plan(manifest, tmp, shard_clips, target_length, frontend.num_mel_bins)
+        per_clip = _run(tasks, frontend, num_workers or os.cpu_count() or 1,
+                        progress_bar(n, f"features {out_dir.name}", "clip", enabled=progress))
         reasons = np.array([r[0] for r in per_clip], dtype=object)
         ok = reasons == ""
         rejects = pd.DataFrame({"path": manifest["path"].to_numpy()[~ok], "reason": reasons[~ok]})
@@ -142,18 +156,10 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
             raise AjepaError(
                 f"{n_rejected} of {n} clips rejected ({n_rejected / n:.1%} > max_reject_fraction "
                 f"{max_reject_fraction:.1%}); list in {rejected_path}; first: {first}")
-
-        in_stats = manifest["split"].isin(STATS_SPLITS).to_numpy() & ok
-        if not in_stats.any():
-            raise AjepaError(f"no readable clip in the statistics splits {STATS_SPLITS}: cannot normalise")
         # columns: n_frames, sum, sum of squares, value count, seconds (rejected rows hold zeros)
         numbers = np.array([r[1:] for r in per_clip], dtype=np.float64)
-        total, total_sq, count = numbers[in_stats, 1:4].sum(axis=0)
-        mean = total / count
-        std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
-        if std == 0.0:
-            raise AjepaError("statistics: zero standard deviation over the training clips (all silent?)")
-
+        mean, std, count = _statistics(manifest, numbers, ok)
+        shard_of, row_of = np.divmod(np.arange(n), shard_clips)
         index = pd.DataFrame({
             "clip_id": manifest["clip_id"].to_numpy(), "labels": manifest["labels"].to_numpy(),
             "fold": manifest["fold"].to_numpy(), "split": manifest["split"].to_numpy(),
@@ -164,7 +170,7 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
         rejects.to_csv(tmp / "rejects.csv", index=False)
         audio_seconds = float(numbers[:, 4].sum())
         stats = {
-            "mean": mean, "std": std, "frames": int(count), "stats_splits": list(STATS_SPLITS),
+            "mean": mean, "std": std, "frames": count, "stats_splits": list(STATS_SPLITS),
             "clips": n, "accepted": int(ok.sum()), "rejected": n_rejected,
             "target_length": target_length, "num_mel_bins": frontend.num_mel_bins,
             "sample_rate": frontend.sample_rate, "frame_shift_ms": frontend.frame_shift_ms,

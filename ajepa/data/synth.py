@@ -45,7 +45,9 @@ LABELED, POOL = 0, 1
 
 
 @dataclass(frozen=True)
-class SynthSpec:
+class GeneratorSpec:
+    """What an embedded dataset's clips are drawn from (synth and words alike)."""
+
     seed: int
     duration_s: float
     sample_rate: int
@@ -153,14 +155,14 @@ def event(rng: np.random.Generator, category: str, sr: int, duration_s: float) -
     raise ValueError(f"unknown synthetic class {category!r}")
 
 
-def _pink_noise(rng, n: int, sr: int) -> np.ndarray:
+def pink_noise(rng, n: int, sr: int) -> np.ndarray:
     spec = np.fft.rfft(rng.standard_normal(n))
     freqs = np.fft.rfftfreq(n, 1 / sr)
     spec /= np.sqrt(np.maximum(freqs, 20.0))
     return np.fft.irfft(spec, n)
 
 
-def clip(spec: SynthSpec, split: int, index: int, category: str) -> np.ndarray:
+def clip(spec: GeneratorSpec, split: int, index: int, category: str) -> np.ndarray:
     """A whole clip (float32 in [-1, 1]), a pure function of (seed, split, index, category)."""
     rng = np.random.default_rng([spec.seed, split, index])
     sr, n = spec.sample_rate, int(round(spec.duration_s * spec.sample_rate))
@@ -169,7 +171,7 @@ def clip(spec: SynthSpec, split: int, index: int, category: str) -> np.ndarray:
     onset = int(rng.integers(0, n - len(fg) + 1))
     out = np.zeros(n)
     out[onset:onset + len(fg)] = fg
-    noise = _pink_noise(rng, n, sr)
+    noise = pink_noise(rng, n, sr)
     snr_db = rng.uniform(*spec.snr_db)
     # SNR against the event's own RMS (over its span), so short and long events are equally audible
     noise *= 10 ** (-snr_db / 20) / (np.sqrt(np.mean(noise**2)) + 1e-9)
@@ -196,7 +198,7 @@ def write_clips(write, jobs: list, progress=None, workers: int = 1) -> None:
                 progress.update(1)
 
 
-def generate(root: Path, spec: SynthSpec, clips_per_class: int, num_folds: int, pool_clips: int,
+def generate(root: Path, spec: GeneratorSpec, clips_per_class: int, num_folds: int, pool_clips: int,
              progress=None, workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write the dataset under `root` (which must be empty or absent); return (meta, pool) tables.
     With workers > 1 the clips are written by that many processes; every clip is a pure function of

@@ -43,9 +43,9 @@ import pandas as pd
 import soundfile as sf
 from scipy.signal import istft, stft
 
-from ajepa.data.synth import _pink_noise, write_clips
+from ajepa.data.synth import GeneratorSpec, pink_noise, write_clips
 
-__all__ = ["WORDS", "WordsSpec", "Speaker", "speaker", "utterance", "clip", "speaker_splits", "generate"]
+__all__ = ["WORDS", "Speaker", "speaker", "utterance", "clip", "speaker_splits", "generate"]
 
 WORDS = {  # word -> phones (see PHONES)
     "yes": "j e s", "no": "n ou", "up": "^ p", "down": "d au n", "left": "l e f t",
@@ -81,15 +81,6 @@ FRAME_S = 0.005  # control rate of the synthesiser: 5 ms
 # white noise at level 1 over the whole band comes out at about the RMS of a vowel: noise levels above are
 # relative to a vowel (s about -9 dB, f about -17 dB, as in speech)
 NOISE_SCALE = 2.75
-
-
-@dataclass(frozen=True)
-class WordsSpec:
-    seed: int
-    duration_s: float
-    sample_rate: int
-    snr_db: tuple[float, float]
-    gain_db: tuple[float, float] = (-12.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -280,7 +271,7 @@ def pseudo_word(rng: np.random.Generator) -> list[str]:
     return phones
 
 
-def clip(spec: WordsSpec, split: int, index: int, speaker_id: int, word: str | None) -> np.ndarray:
+def clip(spec: GeneratorSpec, split: int, index: int, speaker_id: int, word: str | None) -> np.ndarray:
     """A whole clip (float32 in [-1, 1]): the word (None: a pool pseudo-word) said by speaker_id, at a
     random onset in background noise at a random SNR and level. A pure function of its arguments."""
     rng = np.random.default_rng([spec.seed, split, index])
@@ -294,7 +285,7 @@ def clip(spec: WordsSpec, split: int, index: int, speaker_id: int, word: str | N
     out = np.zeros(n)
     onset = int(rng.integers(0, n - len(fg) + 1))
     out[onset:onset + len(fg)] = fg
-    noise = _pink_noise(rng, n, sr)
+    noise = pink_noise(rng, n, sr)
     snr_db = rng.uniform(*spec.snr_db)
     out += noise * 10 ** (-snr_db / 20) / (np.sqrt(np.mean(noise ** 2)) + 1e-9)
     gain = 10 ** (rng.uniform(*spec.gain_db) / 20)
@@ -313,7 +304,7 @@ def _write_clip(job: tuple) -> None:
     sf.write(path, clip(spec, split, index, speaker_id, word), spec.sample_rate, subtype="PCM_16")
 
 
-def generate(root: Path, spec: WordsSpec, speakers: tuple[int, int, int], repetitions: int, pool_clips: int,
+def generate(root: Path, spec: GeneratorSpec, speakers: tuple[int, int, int], repetitions: int, pool_clips: int,
              pool_speakers: int, progress=None, workers: int = 1) -> pd.DataFrame:
     """Write the dataset under `root` (empty or absent) in the layout above; return the labeled table
     (file, word, speaker, split). Files are the same for any number of workers."""

@@ -12,7 +12,7 @@ from ajepa.downstream.metrics import SECONDARY
 from ajepa.models import SpectrogramEncoder
 from ajepa.train.checkpoint import load_encoder_state
 
-__all__ = ["build_encoder", "file_sha256", "summarize", "ENCODER_KEYS"]
+__all__ = ["build_encoder", "file_sha256", "summarize", "summary_lines", "ENCODER_KEYS"]
 
 ENCODER_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -55,3 +55,10 @@ def summarize(runs: list[dict], metric: str) -> dict:
             out[key] = None if None in values else round(float(np.mean(values)), 4)
     out["runs"] = runs
     return out
+
+
+def summary_lines(rows: dict, metric: str) -> list[str]:
+    """One line per row for a stage's terminal summary: name, metric, mean +- std over the runs."""
+    width = max(len(name) for name in rows) + 2
+    return [f"  {name:{width}s} {metric} {r[metric]:6.2f}" + (f" +- {r['std']:.2f}" if "std" in r else "")
+            for name, r in rows.items()]

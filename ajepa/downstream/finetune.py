@@ -39,7 +39,9 @@ from ajepa.models import SpectrogramEncoder
 from ajepa.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
-__all__ = ["Classifier", "augment", "spec_augment", "finetune_run", "RunResult"]
+__all__ = ["Classifier", "augment", "spec_augment", "finetune_run", "RunResult", "PROBE_L2"]
+
+PROBE_L2 = [0.1, 0.01, 0.001, 0.0001]  # LP-FT's probe: the strengths the linear probe tries by default
 
 
 class Classifier(nn.Module):
@@ -56,14 +58,37 @@ class Classifier(nn.Module):
         trunc_normal_(self.head.weight, std=2e-5)  # MAE/AudioMAE fine-tuning head init
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor, key_mask_ratio: float = 0.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, key_mask_ratio: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """What the linear head reads: the pooled, normalised tokens [B, D] or [B, F * D]."""
         z = self.encoder(x, key_mask_ratio=key_mask_ratio, generator=generator)
         if self.pooling == "all":
-            return self.head(self.norm(z.mean(dim=1)))
+            return self.norm(z.mean(dim=1))
         n_time, n_freq = self.encoder.grid
-        bands = z.reshape(len(z), n_time, n_freq, -1).mean(dim=1)  # [B, F, D]
-        return self.head(self.norm(bands).flatten(1))
+        return self.norm(z.reshape(len(z), n_time, n_freq, -1).mean(dim=1)).flatten(1)  # bands [B, F, D]
+
+    def forward(self, x: torch.Tensor, key_mask_ratio: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.head(self.features(x, key_mask_ratio, generator))
+
+
+@torch.no_grad()
+def probe_head(model: Classifier, task: Task, split: EvalSplit, l2: list[float], batch_size: int,
+               device: torch.device) -> None:
+    """LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): set the head to the
+    logistic regression of the frozen model's head inputs (train clips, L2 strength chosen on the val
+    clips), so fine-tuning starts from the linear probe instead of from a random head."""
+    from ajepa.downstream.linear import fit_logistic
+
+    model.eval()
+    positions = np.concatenate([split.train, split.val])
+    feats = torch.cat([model.features(task.clips(positions[s:s + batch_size]).to(device)).float().cpu()
+                       for s in range(0, len(positions), batch_size)])
+    x = torch.zeros(len(task.y), feats.shape[1])
+    x[torch.as_tensor(positions)] = feats
+    w, b, _, _ = fit_logistic(task, x, split, l2)
+    model.head.weight.copy_(w.T.to(model.head.weight.device))
+    model.head.bias.copy_(b.to(model.head.bias.device))
 
 
 def spec_augment(x: torch.Tensor, max_time: int, max_freq: int, fill: float, g: torch.Generator) -> torch.Tensor:
@@ -181,10 +206,14 @@ class FinetuneState:
         self.best_state, self.history = state["best_state"], list(state["history"])
 
 
-def build(encoder: SpectrogramEncoder, num_classes: int, train_clips: int, cfg: FinetuneConfig,
+def build(encoder: SpectrogramEncoder, task: Task, split: EvalSplit, cfg: FinetuneConfig,
           device: torch.device) -> FinetuneState:
-    """The classifier, AdamW with layer-wise lr decay, and warmup-cosine per step."""
-    model = Classifier(encoder, num_classes, cfg.pooling).to(device)
+    """The classifier (its head from the linear probe with cfg.head_init "probe"), AdamW with layer-wise
+    lr decay, and warmup-cosine per step."""
+    model = Classifier(encoder, len(task.classes), cfg.pooling).to(device)
+    if cfg.head_init == "probe":
+        probe_head(model, task, split, PROBE_L2, cfg.batch_size * 2, device)
+    train_clips = len(split.train)
     opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
                             betas=(0.9, 0.999))
     steps_per_epoch = max(1, (cfg.samples_per_epoch or train_clips) // cfg.batch_size)
@@ -232,7 +261,7 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
     log(epoch, metrics) for the per-epoch curves (epochs from 1)."""
     from ajepa.progress import progress
 
-    run = build(encoder, len(task.classes), len(split.train), cfg, device)
+    run = build(encoder, task, split, cfg, device)
     run.resume(state_path, run_hash)
     log = open_log(run.epoch + 1) if open_log else (lambda step, metrics: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

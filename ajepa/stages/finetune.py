@@ -12,7 +12,7 @@ import torch
 from ajepa import paths
 from ajepa.atomic import write_csv, write_json
 from ajepa.config import Params
-from ajepa.downstream.common import build_encoder, file_sha256, summarize
+from ajepa.downstream.common import build_encoder, file_sha256, summarize, summary_lines
 from ajepa.downstream.metrics import secondary
 from ajepa.downstream.finetune import finetune_run, result_dict
 from ajepa.downstream.protocols import load_task
@@ -80,9 +80,7 @@ def run(params: Params, benchmark: str) -> str:
                        title=f"{benchmark}: fine-tuned A-JEPA, test clips of every run")
     lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(splits)} of {len(task.splits)} run(s) per init, "
              f"{len(task.classes)} classes"]
-    for name, r in rows.items():
-        std = f" +- {r['std']:.2f}" if "std" in r else ""
-        lines.append(f"  {name:22s} {m} {r[m]:6.2f}{std}")
+    lines += summary_lines(rows, m)
     lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}")
     return "\n".join(lines)
 

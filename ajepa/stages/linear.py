@@ -17,7 +17,7 @@ import torch
 from ajepa import paths
 from ajepa.atomic import write_json
 from ajepa.config import Params
-from ajepa.downstream.common import build_encoder, file_sha256
+from ajepa.downstream.common import build_encoder, file_sha256, summary_lines
 from ajepa.downstream.linear import (cached_embeddings, embed, embed_tokens, evaluate_embeddings, evaluate_tokens,
                                      fbank_embeddings)
 from ajepa.downstream.protocols import load_task
@@ -25,6 +25,59 @@ from ajepa.errors import AjepaError
 from ajepa.train.checkpoint import config_hash, load_encoder_state
 
 ENCODERS = ("target", "context")
+
+
+class EmbeddingCache:
+    """data/embeddings/BENCH/: the embeddings of one benchmark's clips, one .npy per encoder x pooling.
+    Names carry what the embeddings depend on (encoder weights, or the untrained architecture and its
+    seed; the features; the pooling), so a stale file is never read, and `prune` drops the others."""
+
+    def __init__(self, task, benchmark: str):
+        self.root, self.used = paths.embeddings_dir(benchmark), set()
+        self.features = config_hash({k: task.store.stats[k] for k in ("mean", "std", "accepted", "grid")}
+                                    | {"clips": task.index["clip_id"].tolist()})[:12]
+
+    def get(self, name: str, compute) -> np.ndarray:
+        name = f"{name}-{self.features}.npy"
+        self.used.add(name)
+        return cached_embeddings(self.root / name, compute)
+
+    def prune(self) -> None:
+        for f in self.root.glob("*.npy"):
+            if f.name not in self.used:
+                f.unlink()
+
+
+def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_tokens: bool) -> dict:
+    """{"linear": ..., "attentive": ...} of one encoder (`label` names its weights for the cache)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pooled = cache.get(f"{label}-{cfg.pooling}",
+                       lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling))
+    out = {"linear": evaluate_embeddings(task, pooled, cfg)}
+    if with_tokens:
+        tokens = cache.get(f"{label}-tokens", lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device))
+        out["attentive"] = evaluate_tokens(task, tokens, cfg)
+    return out
+
+
+def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCache) -> dict:
+    """Every row of the stage (see the module docstring), in report order."""
+    grid, attentive, rows = tuple(task.store.stats["grid"]), cfg.attentive.epochs > 0, {}
+    for which in (chosen, *(e for e in ENCODERS if e != chosen)):
+        path = encoder_paths[which]
+        r = _probe(task, cache, cfg, f"{which}-{file_sha256(path)[:12]}", lambda: build_encoder(path, grid),
+                   attentive and which == chosen)
+        rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
+        if "attentive" in r:
+            rows["attentive"] = r["attentive"]
+    arch = {k: v for k, v in load_encoder_state(encoder_paths[chosen])[1].items() if k != "grid"}
+    r = _probe(task, cache, cfg, f"random_init-{config_hash({'arch': arch, 'seed': cfg.seed})[:12]}",
+               lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive)
+    rows["linear_random_init"] = r["linear"]
+    if "attentive" in r:
+        rows["attentive_random_init"] = r["attentive"]
+    rows["fbank_baseline"] = evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task)), cfg)
+    return rows
 
 
 def run(params: Params, benchmark: str) -> str:
@@ -35,50 +88,9 @@ def run(params: Params, benchmark: str) -> str:
         if not path.exists():
             raise AjepaError(f"{path}: no pretrained encoder (run `ajepa pretrain` first)")
     task = load_task(benchmark, paths.features_dir(benchmark))
-    grid = tuple(task.store.stats["grid"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    attentive = cfg.attentive.epochs > 0
-
-    # embeddings depend on the encoder weights (or, untrained, its architecture and seed), the features
-    # and the pooling; the cache file names carry all of them, so stale embeddings are never read
-    features_key = config_hash({k: task.store.stats[k] for k in ("mean", "std", "accepted", "grid")}
-                               | {"clips": task.index["clip_id"].tolist()})[:12]
-    cache = paths.embeddings_dir(benchmark)
-    used: set[str] = set()
-
-    def cached(name: str, compute) -> np.ndarray:
-        used.add(name)
-        return cached_embeddings(cache / name, compute)
-
-    def probe(label: str, key: str, make_encoder, with_tokens: bool) -> dict:
-        pooled = cached(f"{label}-{key}-{features_key}-{cfg.pooling}.npy",
-                        lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling))
-        out = {"linear": evaluate_embeddings(task, pooled, cfg)}
-        if with_tokens:
-            tokens = cached(f"{label}-{key}-{features_key}-tokens.npy",
-                            lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device))
-            out["attentive"] = evaluate_tokens(task, tokens, cfg)
-        return out
-
-    rows = {}
-    for which in (chosen, *(e for e in ENCODERS if e != chosen)):
-        path = encoder_paths[which]
-        r = probe(which, file_sha256(path)[:12], lambda: build_encoder(path, grid), attentive and which == chosen)
-        rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
-        if "attentive" in r:
-            rows["attentive"] = r["attentive"]
-    arch = {k: v for k, v in load_encoder_state(encoder_paths[chosen])[1].items() if k != "grid"}
-    r = probe("random_init", config_hash({"arch": arch, "seed": cfg.seed})[:12],
-              lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive)
-    rows["linear_random_init"] = r["linear"]
-    if "attentive" in r:
-        rows["attentive_random_init"] = r["attentive"]
-    rows["fbank_baseline"] = evaluate_embeddings(task, cached(f"fbank-{features_key}.npy",
-                                                               lambda: fbank_embeddings(task)), cfg)
-    for f in cache.glob("*.npy"):  # embeddings of earlier encoders or features are dead weight
-        if f.name not in used:
-            f.unlink()
-
+    cache = EmbeddingCache(task, benchmark)
+    rows = probe_rows(task, cfg, chosen, encoder_paths, cache)
+    cache.prune()
     out = paths.linear_results(benchmark)
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": task.metric,
                                       "classes": len(task.classes), "encoder": chosen, "pooling": cfg.pooling,
@@ -86,8 +98,6 @@ def run(params: Params, benchmark: str) -> str:
     m = task.metric
     lines = [f"linear {benchmark}: {task.protocol} protocol, {len(task.splits)} run(s), {len(task.classes)} classes, "
              f"{chosen} encoder, pooling over {cfg.pooling}"]
-    for name, r in rows.items():
-        std = f" +- {r['std']:.2f}" if "std" in r else ""
-        lines.append(f"  {name:24s} {m} {r[m]:6.2f}{std}")
+    lines += summary_lines(rows, m)
     lines.append(f"  -> {out / 'metrics.json'}")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ def run(params: Params, dataset: str, source: str | None = None) -> str:
 def prepare_synth(params: Params) -> str:
     t0 = time.perf_counter()
     cfg = params.dataset("synth").prepare
-    spec = synth.SynthSpec(cfg.seed, cfg.duration_s, cfg.sample_rate, tuple(cfg.snr_db), tuple(cfg.gain_db))
+    spec = synth.GeneratorSpec(cfg.seed, cfg.duration_s, cfg.sample_rate, tuple(cfg.snr_db), tuple(cfg.gain_db))
     root = paths.raw_dir("synth")
     total = cfg.clips_per_class * len(synth.CLASSES) + cfg.pool_clips
     with atomic_path(root) as tmp, progress(total, "prepare synth", "clip") as bar:
@@ -65,7 +65,7 @@ def prepare_synth(params: Params) -> str:
 def prepare_words(params: Params) -> str:
     t0 = time.perf_counter()
     cfg = params.dataset("words").prepare
-    spec = words.WordsSpec(cfg.seed, cfg.duration_s, cfg.sample_rate, tuple(cfg.snr_db), tuple(cfg.gain_db))
+    spec = words.GeneratorSpec(cfg.seed, cfg.duration_s, cfg.sample_rate, tuple(cfg.snr_db), tuple(cfg.gain_db))
     root = paths.raw_dir("words")
     labeled = sum(cfg.speakers) * len(words.WORDS) * cfg.repetitions
     with atomic_path(root) as tmp, progress(labeled + cfg.pool_clips, "prepare words", "clip") as bar:

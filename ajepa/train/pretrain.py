@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -186,6 +186,49 @@ def _check_batch(cfg: PretrainConfig, store, dist: DistInfo) -> int:
     return len(store) // b
 
 
+@dataclass
+class RunState:
+    """A run's counters (what the checkpoint keeps beside the trainer) and its clock."""
+
+    step: int = 0  # steps done
+    tf_steps: int = 0
+    loss: float = float("nan")
+    target_rank: float = float("nan")
+    seen: int = 0  # clips since this process started
+    seen_since_log: int = 0
+    probing: float = 0.0  # seconds spent in learning-curve probes
+    started: float = field(default_factory=time.perf_counter)
+    last_log: float = field(default_factory=time.perf_counter)
+
+    def counters(self) -> dict:
+        return {"step": self.step, "tf_steps": self.tf_steps, "loss": self.loss, "target_rank": self.target_rank}
+
+
+def _distributed(model: AJEPA, dist: DistInfo) -> torch.nn.Module:
+    if dist.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+
+def _metrics(cfg: PretrainConfig, trainer: Trainer, run: RunState, position_loss: float, schedule: tuple,
+             evaluate, total_steps: int) -> dict:
+    """What a logged step records; the learning-curve probe too when one is due."""
+    now = time.perf_counter()
+    run.target_rank = effective_rank(trainer.model.last_target.float())
+    lr_now, wd_now, momentum = schedule
+    metrics = {"train/loss": run.loss, "train/position_only_loss": position_loss, "train/lr": lr_now,
+               "train/weight_decay": wd_now, "train/ema_momentum": momentum,
+               "train/tf_fraction": run.tf_steps / run.step,
+               "train/samples_per_s": run.seen_since_log / max(now - run.last_log, 1e-9),
+               "train/target_rank": run.target_rank}
+    if evaluate is not None and cfg.probe.every and (run.step % cfg.probe.every == 0 or run.step == total_steps):
+        metrics.update(evaluate(run.step, trainer.model))
+        trainer.model.train()
+        run.probing += time.perf_counter() - now
+    run.last_log, run.seen_since_log = time.perf_counter(), 0
+    return metrics
+
+
 def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: PretrainPaths, dist: DistInfo,
              open_log: OpenLog | None = None, stop_after: int | None = None,
              on_step: Callable[[int, float], None] | None = None,
@@ -204,67 +247,55 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
     steps_per_epoch = _check_batch(cfg, store, dist)
     total_steps = cfg.optim.epochs * steps_per_epoch
     trainer = build(cfg, grid, patch_size, steps_per_epoch, dist.device)
-    model, this_run, checkpoint = trainer.model, run_hash(cfg, store, dist.world_size), paths.state / "checkpoint.pt"
-    counters = resume(trainer, checkpoint, this_run, dist) or {"step": 0, "tf_steps": 0, "loss": float("nan"),
-                                                               "target_rank": float("nan")}
-    start_step, saved_step = counters["step"], counters["step"] if counters["step"] else None
+    this_run, checkpoint = run_hash(cfg, store, dist.world_size), paths.state / "checkpoint.pt"
+    run = RunState(**(resume(trainer, checkpoint, this_run, dist) or {}))
+    start_step, saved_step = run.step, run.step or None
     log = open_log(start_step) if open_log and dist.is_main else (lambda step, metrics: None)
-    train_model = model if dist.world_size == 1 else DistributedDataParallel(
-        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     loader = pretrain_loader(store, cfg.optim.batch_size // dist.world_size,
                              build_mask_generator(cfg, grid, total_steps), cfg.seed, start_step=start_step,
                              total_steps=end_step, num_workers=cfg.num_workers, rank=dist.rank,
                              world_size=dist.world_size)
-    autocast = autocast_for(dist.device)
-    model.train()
-    t0, seen, t_log, seen_log, probing = time.perf_counter(), 0, time.perf_counter(), 0, 0.0
+    train_model, autocast = _distributed(trainer.model, dist), autocast_for(dist.device)
+    trainer.model.train()
     bar = progress(end_step - start_step, "pretrain", "step", enabled=enable_progress and dist.is_main)
     for batch in loader:
-        step, done = batch.step, batch.step + 1
-        lr_now, wd_now, momentum = trainer.lr.step(), trainer.wd.step(), trainer.momentum.step()
+        schedule = trainer.lr.step(), trainer.wd.step(), trainer.momentum.step()
         targets = batch.masks.targets.to(dist.device, non_blocking=True)
         try:
-            loss = train_step(train_model, trainer.optimizer, batch.x.to(dist.device, non_blocking=True),
-                              batch.masks.context.to(dist.device, non_blocking=True), targets, momentum,
-                              cfg.optim.grad_clip, autocast, all_reduce_mean)
+            run.loss = train_step(train_model, trainer.optimizer, batch.x.to(dist.device, non_blocking=True),
+                                  batch.masks.context.to(dist.device, non_blocking=True), targets, schedule[2],
+                                  cfg.optim.grad_clip, autocast, all_reduce_mean)
         except NonFiniteLoss as e:
             kept = f"the last good checkpoint {checkpoint} (step {saved_step}) is kept" if saved_step is not None \
                 else "no checkpoint was written yet"
-            raise AjepaError(f"non-finite loss ({e}) at step {step}: stopped before updating the model; {kept}; "
-                             f"lower pretrain.optim.lr or check the features") from None
-        position_loss = trainer.position_only.loss_and_update(model.last_target, targets)
-        counters.update(step=done, loss=loss, tf_steps=counters["tf_steps"] + (batch.masks.mode == "tf"))
-        seen, seen_log = seen + cfg.optim.batch_size, seen_log + cfg.optim.batch_size
+            raise AjepaError(f"non-finite loss ({e}) at step {batch.step}: stopped before updating the model; "
+                             f"{kept}; lower pretrain.optim.lr or check the features") from None
+        position_loss = trainer.position_only.loss_and_update(trainer.model.last_target, targets)
+        run.step, run.tf_steps = batch.step + 1, run.tf_steps + (batch.masks.mode == "tf")
+        run.seen, run.seen_since_log = run.seen + cfg.optim.batch_size, run.seen_since_log + cfg.optim.batch_size
         if on_step:
-            on_step(step, loss)
+            on_step(batch.step, run.loss)
         bar.update(1)
-        if dist.is_main and (done % cfg.log_every == 0 or done == end_step):
-            now = time.perf_counter()
-            counters["target_rank"] = effective_rank(model.last_target.float())
-            metrics = {"train/loss": loss, "train/position_only_loss": position_loss, "train/lr": lr_now,
-                       "train/weight_decay": wd_now, "train/ema_momentum": momentum,
-                       "train/tf_fraction": counters["tf_steps"] / done,
-                       "train/samples_per_s": seen_log / max(now - t_log, 1e-9),
-                       "train/target_rank": counters["target_rank"]}
-            if evaluate is not None and cfg.probe.every and (done % cfg.probe.every == 0 or done == total_steps):
-                metrics.update(evaluate(done, model))
-                model.train()
-                probing += time.perf_counter() - now
-            log(step, metrics)
-            t_log, seen_log = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{loss:.4f}")
-        if done % cfg.checkpoint_every == 0 and done < end_step:
-            save(trainer, checkpoint, this_run, dist, counters)
-            saved_step = done
+        if dist.is_main and (run.step % cfg.log_every == 0 or run.step == end_step):
+            log(batch.step, _metrics(cfg, trainer, run, position_loss, schedule, evaluate, total_steps))
+            bar.set_postfix(loss=f"{run.loss:.4f}")
+        if run.step % cfg.checkpoint_every == 0 and run.step < end_step:
+            save(trainer, checkpoint, this_run, dist, run.counters())
+            saved_step = run.step
     bar.close()
-    seconds = time.perf_counter() - t0 - probing
-    save(trainer, checkpoint, this_run, dist, counters)
-    done = counters["step"]
-    if dist.is_main and done == total_steps:
+    return _finish(cfg, trainer, run, paths, dist, grid, patch_size, total_steps, start_step, checkpoint, this_run)
+
+
+def _finish(cfg, trainer: Trainer, run: RunState, paths: PretrainPaths, dist: DistInfo, grid, patch_size: int,
+            total_steps: int, start_step: int, checkpoint: Path, this_run: str) -> PretrainResult:
+    """Save the final state, export both encoders when the run is complete, and sum it up."""
+    seconds = time.perf_counter() - run.started - run.probing
+    save(trainer, checkpoint, this_run, dist, run.counters())
+    if dist.is_main and run.step == total_steps:
         for which, path in paths.encoders.items():
-            export_encoder(path, getattr(model, f"{which}_encoder"), encoder_config(cfg, grid, patch_size))
-    return PretrainResult(steps=done, start_step=start_step, final_loss=counters["loss"],
-                          samples_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds, probe_seconds=probing,
-                          tf_fraction=counters["tf_steps"] / done if done else 0.0,
-                          target_rank=counters["target_rank"])
+            export_encoder(path, getattr(trainer.model, f"{which}_encoder"), encoder_config(cfg, grid, patch_size))
+    return PretrainResult(steps=run.step, start_step=start_step, final_loss=run.loss,
+                          samples_per_s=run.seen / seconds if seconds > 0 else 0.0, seconds=seconds,
+                          probe_seconds=run.probing, tf_fraction=run.tf_steps / run.step if run.step else 0.0,
+                          target_rank=run.target_rank)
