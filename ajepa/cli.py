@@ -73,16 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "bench":
-            from ajepa import bench  # bench pretrain reads --params itself
+            from ajepa.tools import bench  # bench pretrain reads --params itself
             print(bench.run(args))
             return 0
         if args.command == "preset":
-            from ajepa import presets
+            from ajepa.tools import presets
             changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
             print(presets.describe(args.name, args.params, changes, args.dry_run))
             return 0
         if args.command == "params-doc":
-            from ajepa import paramdoc
+            from ajepa.tools import paramdoc
             print(paramdoc.render(args.params), end="")
             return 0
         from ajepa.config import load_params

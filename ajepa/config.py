@@ -17,8 +17,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ajepa.data.download import Checksum
-from ajepa.data.registry import REGISTRY
+from ajepa.datasets.download import Checksum
+from ajepa.datasets.registry import REGISTRY
 from ajepa.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
@@ -30,7 +30,7 @@ PARAMS_FILE = "params.yaml"
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Generator of the embedded default dataset (see ajepa.data.synth)."""
+    """Generator of the embedded default dataset (see ajepa.datasets.synth)."""
 
     seed: int  # every clip is a pure function of (seed, split, index)
     pool_clips: int  # unlabeled pretraining pool
@@ -50,7 +50,7 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class WordsConfig:
-    """Generator of the embedded spoken-words dataset (see ajepa.data.words)."""
+    """Generator of the embedded spoken-words dataset (see ajepa.datasets.words)."""
 
     seed: int  # every clip is a pure function of (seed, split, index)
     speakers: list[int]  # labeled speakers [train, val, test]: disjoint, so every test voice is new
@@ -77,7 +77,7 @@ def _check_ranges(cfg, key: str) -> None:
 
 @dataclass(frozen=True)
 class FetchConfig:
-    """Where a published dataset comes from (ajepa.data.sources; URLs and checksums in ajepa.data.registry)."""
+    """Where a published dataset comes from (ajepa.datasets.sources; URLs and checksums in ajepa.datasets.registry)."""
 
     source: str | None  # a local archive or directory (downloads or extracted copies); null = download
     mirror: str | None  # base URL serving the registry's files under their own names; null = official URLs
@@ -371,7 +371,7 @@ class PipelineConfig:
 @dataclass(frozen=True)
 class Params:
     pipeline: PipelineConfig
-    datasets: dict[str, Dataset]  # by name: the names of ajepa.data.registry
+    datasets: dict[str, Dataset]  # by name: the names of ajepa.datasets.registry
     features: FeaturesConfig
     pretrain: PretrainConfig
     downstream: DownstreamConfig

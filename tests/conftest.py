@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ajepa.presets import load_preset, merge
+from ajepa.tools.presets import load_preset, merge
 
 REPO = Path(__file__).resolve().parent.parent
 # The files a working copy of the project needs (what a clone has, minus tests and data).

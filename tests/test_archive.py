@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from ajepa.data.archive import UnsafeArchive, extract
+from ajepa.datasets.archive import UnsafeArchive, extract
 
 
 def _tar(path, members):

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from ajepa import bench
+from ajepa.tools import bench
 from ajepa.cli import main
 from conftest import tiny_params
 

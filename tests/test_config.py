@@ -134,7 +134,7 @@ PUBLISHED = ["esc50", "spc2", "spc1", "as20k", "as2m", "vox1"]
 
 
 def test_published_datasets_match_the_registry():
-    from ajepa.data.registry import REGISTRY
+    from ajepa.datasets.registry import REGISTRY
     p = load_params(REPO / "params.yaml")
     for name in PUBLISHED:
         ds = p.dataset(name)

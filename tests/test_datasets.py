@@ -13,8 +13,8 @@ import yaml
 
 import mini_datasets as mini
 from ajepa.cli import main
-from ajepa.data.registry import REGISTRY
-from ajepa.data.speech_commands import SPC1_CLASSES
+from ajepa.datasets.registry import REGISTRY
+from ajepa.datasets.speech_commands import SPC1_CLASSES
 from ajepa.data.store import FeatureStore
 from ajepa.downstream.protocols import eval_splits
 from conftest import load_repo_params

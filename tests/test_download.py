@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ajepa.data.download import Checksum, ChecksumMismatch, download
+from ajepa.datasets.download import Checksum, ChecksumMismatch, download
 from ajepa.errors import AjepaError
 from loopback import Loopback
 

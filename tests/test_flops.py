@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ajepa import flops
+from ajepa.tools import flops
 from ajepa.masks import MaskGenerator
 from ajepa.models import AJEPA
 from ajepa.train.pretrain import train_step

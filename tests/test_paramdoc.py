@@ -1,6 +1,6 @@
 """docs/parameters.md is generated from the typed configuration and must be current."""
 
-from ajepa import paramdoc
+from ajepa.tools import paramdoc
 from conftest import REPO, load_repo_params
 
 

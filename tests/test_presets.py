@@ -9,7 +9,7 @@ import yaml
 from ajepa.cli import main
 from ajepa.config import load_params, parse_params
 from ajepa.errors import ConfigError
-from ajepa.presets import load_preset, merge
+from ajepa.tools.presets import load_preset, merge
 from conftest import REPO, load_repo_params, tiny_params
 
 

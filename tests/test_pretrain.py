@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ajepa.config import parse_params
-from ajepa.data import synth
+from ajepa.datasets import synth
 from ajepa.data.frontend import FrontEnd
-from ajepa.data.manifest import unlabeled_rows
+from ajepa.datasets.manifest import unlabeled_rows
 from ajepa.data.store import FeatureStore, extract_features
 from ajepa.errors import AjepaError
 from ajepa.models import AJEPA

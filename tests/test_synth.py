@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ajepa.data import synth
-from ajepa.data.manifest import esc50_layout, unlabeled_rows
+from ajepa.datasets import synth
+from ajepa.datasets.manifest import esc50_layout, unlabeled_rows
 
 SPEC = synth.GeneratorSpec(seed=7, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
 

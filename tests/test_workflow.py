@@ -61,8 +61,9 @@ INFRASTRUCTURE = {"ajepa/config.py", "ajepa/errors.py", "ajepa/atomic.py", "ajep
 
 
 # Imported but not run by the stage: the feature store imports manifest.STATS_SPLITS for extraction
-# (features@ depends on it); reading a store never uses it.
-NOT_READ = {stage: {"ajepa/data/manifest.py"} for stage in ("pool", "pretrain", "linear", "finetune")}
+# (features@ depends on it) and the loader its label separator; reading a store never uses the former,
+# and the latter is the manifest's format, not code that runs.
+NOT_READ = {stage: {"ajepa/datasets/manifest.py"} for stage in ("pool", "pretrain", "linear", "finetune")}
 
 
 def _package_marker(path) -> bool:

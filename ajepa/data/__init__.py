@@ -1,1 +1,1 @@
-"""Datasets: the embedded generator, manifests, the spectrogram front end and the feature store."""
+"""The tensor side: the spectrogram front end, the feature store, and the data loaders over it."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ajepa.data.manifest import LABEL_SEPARATOR  # manifests join a clip's class names with it
+from ajepa.datasets.manifest import LABEL_SEPARATOR  # manifests join a clip's class names with it
 from ajepa.data.store import FeatureStore
 from ajepa.errors import AjepaError
 from ajepa.masks import MaskGenerator, Masks

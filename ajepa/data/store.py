@@ -25,7 +25,7 @@ import torch
 
 from ajepa.atomic import atomic_path, write_csv
 from ajepa.data.frontend import FrontEnd, UnreadableAudio, normalize, pad_or_crop
-from ajepa.data.manifest import STATS_SPLITS
+from ajepa.datasets.manifest import STATS_SPLITS
 from ajepa.errors import AjepaError
 from ajepa.progress import progress as progress_bar
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ajepa import paths
 from ajepa.config import Params
 from ajepa.data.frontend import FrontEnd
-from ajepa.data.manifest import read_manifest
-from ajepa.data.registry import REGISTRY
+from ajepa.datasets.manifest import read_manifest
+from ajepa.datasets.registry import REGISTRY
 from ajepa.data.store import extract_features
 
 

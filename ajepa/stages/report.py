@@ -9,7 +9,7 @@ import json
 from ajepa import paths
 from ajepa.atomic import write_json, write_text
 from ajepa.config import Params
-from ajepa.data.registry import PAPER_RESULTS
+from ajepa.datasets.registry import PAPER_RESULTS
 from ajepa.downstream.metrics import SECONDARY
 from ajepa.errors import AjepaError
 

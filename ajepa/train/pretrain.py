@@ -97,7 +97,7 @@ def build(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int, steps_per
     total_steps = o.epochs * steps_per_epoch
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, grid, patch_size).to(device)
-    # fused: 3-5x faster optimiser step on CPU and GPU alike (measured with ajepa.flops)
+    # fused: 3-5x faster optimiser step on CPU and GPU alike (measured with ajepa.tools.flops)
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay[0]), lr=o.lr, betas=tuple(o.betas), fused=True)
     return Trainer(
         model, optimizer,

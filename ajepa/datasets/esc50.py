@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ajepa.data.manifest import Built, esc50_layout, split_present
-from ajepa.data.sources import Located
+from ajepa.datasets.manifest import Built, esc50_layout, split_present
+from ajepa.datasets.sources import Located
 from ajepa.errors import AjepaError
 
 META_CSV = "meta/esc50.csv"

@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 import soundfile as sf
 
-from ajepa.data.manifest import MISSING_COLUMNS, Built
-from ajepa.data.registry import SPC1_WORDS
-from ajepa.data.sources import Located
+from ajepa.datasets.manifest import MISSING_COLUMNS, Built
+from ajepa.datasets.registry import SPC1_WORDS
+from ajepa.datasets.sources import Located
 from ajepa.errors import AjepaError
 
 BACKGROUND = "_background_noise_"

@@ -15,7 +15,7 @@ import torch
 import torchaudio
 
 from ajepa import masks
-from ajepa.data import synth
+from ajepa.datasets import synth
 from ajepa.data.frontend import FrontEnd
 from ajepa.data.store import extract_features
 from ajepa.errors import AjepaError
@@ -106,7 +106,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     Inputs are random spectrograms: the step's cost does not depend on the values, and the
     data loader runs in other processes during training.
     """
-    from ajepa import flops
+    from ajepa.tools import flops
     from ajepa.train.pretrain import autocast_for, build_model, train_step
     from ajepa.train.schedules import param_groups
 
@@ -186,7 +186,7 @@ def _time_mode(model, opt, step_fn, x: torch.Tensor, cfg, mode: str, grid, steps
                peaks: list[float]) -> dict:
     """Time `steps` real steps with `mode` masks; measure the matmul peak after them (appended to
     `peaks`) and relate the step's model FLOP/s to the mean of the peaks before and after (MFU)."""
-    from ajepa import flops
+    from ajepa.tools import flops
 
     dev, batch = x.device, x.shape[0]
     enc_cfg, pred_cfg, _ = flops.model_configs(model)

@@ -7,7 +7,7 @@ what was fetched is recorded in the manifest sidecar, so two runs can tell wheth
 
 A dataset is distributed as *parts*: an archive (zip or tar, possibly split into pieces that are
 concatenated, as VoxCeleb1's dev set), or a plain file (AudioSet's CSVs). Each part has a `marker`,
-a path that proves an already-extracted copy of it is present in a directory (see ajepa.data.sources);
+a path that proves an already-extracted copy of it is present in a directory (see ajepa.datasets.sources);
 VoxCeleb1's use the first speaker of each set (dev id10001, test id10270), so that the two sets may
 sit in one `wav/` tree or in two.
 """

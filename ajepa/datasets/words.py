@@ -43,7 +43,7 @@ import pandas as pd
 import soundfile as sf
 from scipy.signal import istft, stft
 
-from ajepa.data.synth import GeneratorSpec, pink_noise, write_clips
+from ajepa.datasets.synth import GeneratorSpec, pink_noise, write_clips
 
 __all__ = ["WORDS", "Speaker", "speaker", "utterance", "clip", "speaker_splits", "generate"]
 

@@ -1,6 +1,6 @@
 """VoxCeleb1 speaker identification: `wav/idXXXXX/<video>/<nnnnn>.wav` and `iden_split.txt`.
 
-The dev set comes as four pieces of one zip (concatenated on the fly, see ajepa.data.archive), the
+The dev set comes as four pieces of one zip (concatenated on the fly, see ajepa.datasets.archive), the
 test set as a second zip; both extract into the same `wav/` tree. Each line of iden_split.txt is
 `<1|2|3> idXXXXX/<video>/<nnnnn>.wav`: 1 = train, 2 = val, 3 = test. The classes are every speaker
 the split file names (1,251), so a copy with missing clips keeps the same class indices.
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ajepa.data.manifest import MISSING_COLUMNS, Built
-from ajepa.data.sources import Located
+from ajepa.datasets.manifest import MISSING_COLUMNS, Built
+from ajepa.datasets.sources import Located
 from ajepa.errors import AjepaError
 
 SPLIT_FILE = "iden_split.txt"

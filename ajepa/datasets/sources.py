@@ -23,9 +23,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ajepa.data.archive import extract
-from ajepa.data.download import Checksum, ChecksumMismatch, download, verify
-from ajepa.data.registry import DatasetInfo, Part, RemoteFile
+from ajepa.datasets.archive import extract
+from ajepa.datasets.download import Checksum, ChecksumMismatch, download, verify
+from ajepa.datasets.registry import DatasetInfo, Part, RemoteFile
 from ajepa.errors import AjepaError
 
 MARKER_DEPTH = 2  # an extracted copy may sit one or two folders down (ESC-50-master/, a wrapper folder)

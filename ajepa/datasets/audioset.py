@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ajepa.data.manifest import LABEL_SEPARATOR, MISSING_COLUMNS, Built
-from ajepa.data.sources import Located, listing_fingerprint
+from ajepa.datasets.manifest import LABEL_SEPARATOR, MISSING_COLUMNS, Built
+from ajepa.datasets.sources import Located, listing_fingerprint
 from ajepa.errors import AjepaError, ConfigError
 
 CLASS_LABELS = "class_labels_indices.csv"

@@ -1,0 +1,1 @@
+"""Tools around the pipeline: throughput benchmarks, the FLOP counter, presets, the parameters page."""
