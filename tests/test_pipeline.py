@@ -69,7 +69,7 @@ def test_each_stage_reruns_only_for_its_own_params(dvc_copy):
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
         assert stages == {"linear@synth", "linear@words"}
         # which encoder downstream uses: probes, fine-tuning and the report, not pretraining
-        _set_params(root, lambda p: p["downstream"].update(encoder="context"))
+        _set_params(root, lambda p: p["downstream"].update(encoder={"context": "target"}.get(p["downstream"]["encoder"], "context")))
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
         assert stages == {"linear@synth", "linear@words", "finetune@synth", "finetune@words", "report"}
     finally:
