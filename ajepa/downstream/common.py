@@ -58,7 +58,8 @@ def summarize(runs: list[dict], metric: str) -> dict:
 
 
 def summary_lines(rows: dict, metric: str) -> list[str]:
-    """One line per row for a stage's terminal summary: name, metric, mean +- std over the runs."""
+    """One line per row for a stage's terminal summary: name, metric, mean +- std over the runs (and the
+    seconds the row took, where it says)."""
     width = max(len(name) for name in rows) + 2
     return [f"  {name:{width}s} {metric} {r[metric]:6.2f}" + (f" +- {r['std']:.2f}" if "std" in r else "")
-            for name, r in rows.items()]
+            + (f"  ({r['seconds']:.0f} s)" if "seconds" in r else "") for name, r in rows.items()]

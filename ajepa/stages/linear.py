@@ -7,9 +7,12 @@ Rows (each the mean over the protocol's runs):
   fbank_baseline          the time-averaged log-mel spectrogram: what the input alone gives
   attentive               V-JEPA's attentive probe on the tokens of `downstream.encoder`
   attentive_random_init   the attentive probe on the untrained encoder
+Each row carries the seconds it took (with the embedding of the clips, unless data/embeddings/ held it).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -48,15 +51,21 @@ class EmbeddingCache:
                 f.unlink()
 
 
+def _timed(fn) -> dict:
+    """fn()'s row with the wall-clock seconds it took (embedding included, unless the cache had it)."""
+    start = time.perf_counter()
+    row = fn()
+    return row | {"seconds": round(time.perf_counter() - start, 1)}
+
+
 def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_tokens: bool) -> dict:
     """{"linear": ..., "attentive": ...} of one encoder (`label` names its weights for the cache)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pooled = cache.get(f"{label}-{cfg.pooling}",
-                       lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling))
-    out = {"linear": evaluate_embeddings(task, pooled, cfg)}
+    out = {"linear": _timed(lambda: evaluate_embeddings(task, cache.get(
+        f"{label}-{cfg.pooling}", lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling)), cfg))}
     if with_tokens:
-        tokens = cache.get(f"{label}-tokens", lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device))
-        out["attentive"] = evaluate_tokens(task, tokens, cfg)
+        out["attentive"] = _timed(lambda: evaluate_tokens(task, cache.get(
+            f"{label}-tokens", lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device)), cfg))
     return out
 
 
@@ -76,7 +85,8 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
     rows["linear_random_init"] = r["linear"]
     if "attentive" in r:
         rows["attentive_random_init"] = r["attentive"]
-    rows["fbank_baseline"] = evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task)), cfg)
+    rows["fbank_baseline"] = _timed(lambda: evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task)),
+                                                                 cfg))
     return rows
 
 
