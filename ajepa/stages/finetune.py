@@ -4,6 +4,7 @@ from random init) on every run of the benchmark's protocol; resumable run by run
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 
 import pandas as pd
@@ -58,6 +59,7 @@ def run(params: Params, benchmark: str) -> str:
             write_json(done, record)
             (state_dir / f"{name}.pt").unlink(missing_ok=True)  # the record is the finished run
             results[init].append(record)
+    _drop_stale_curves(out / "live", {f"{i}-{s.name}" for i in inits for s in splits})
 
     m = task.metric
     rows = {}
@@ -69,6 +71,16 @@ def run(params: Params, benchmark: str) -> str:
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": m,
                                       "classes": len(task.classes), **rows})
     write_csv(out / "predictions.csv", _predictions(task, results))
+    _plot(task, results, out, benchmark)
+    lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(splits)} of {len(task.splits)} run(s) per init, "
+             f"{len(task.classes)} classes"]
+    lines += summary_lines(rows, m)
+    lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}")
+    return "\n".join(lines)
+
+
+def _plot(task, results: dict[str, list], out, benchmark: str) -> None:
+    """The fine-tuned encoder's confusion matrix (or AP per class) over the test clips of every run."""
     from ajepa.plots import plot_confusion, plot_per_class
     if task.multi_label:
         ap = [r["test"].get("per_class_ap") for r in results["pretrained"]]
@@ -78,11 +90,6 @@ def run(params: Params, benchmark: str) -> str:
         conf = sum(_confusion(task, r) for r in results["pretrained"])
         plot_confusion(conf, task.classes, out / "plots" / "confusion.png",
                        title=f"{benchmark}: fine-tuned A-JEPA, test clips of every run")
-    lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(splits)} of {len(task.splits)} run(s) per init, "
-             f"{len(task.classes)} classes"]
-    lines += summary_lines(rows, m)
-    lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}")
-    return "\n".join(lines)
 
 
 def _predictions(task, results: dict[str, list]) -> pd.DataFrame:
@@ -103,3 +110,12 @@ def _confusion(task, record: dict):
     for pos, scores in zip(record["test_positions"], record["test_scores"]):
         conf[int(task.y[pos]), int(np.argmax(scores))] += 1
     return conf
+
+
+def _drop_stale_curves(live_root, names: set) -> None:
+    """Delete the curves of runs this configuration no longer has (e.g. fold 2 after `runs` went 2 -> 1),
+    so `dvc plots` and the committed results show only the runs behind metrics.json."""
+    if live_root.is_dir():
+        for d in live_root.iterdir():
+            if d.is_dir() and d.name not in names:
+                shutil.rmtree(d)
