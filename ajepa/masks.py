@@ -145,17 +145,9 @@ def _context(
     return score.topk(n, dim=1, largest=False).indices.sort(dim=1).values
 
 
-def block_masks(
-    batch_size: int,
-    grid: Grid,
-    generator: torch.Generator,
-    num_targets: int = 4,
-    scale: tuple[float, float] = (0.15, 0.2),
-    aspect: tuple[float, float] = (0.75, 1.5),
-    context_scale: tuple[float, float] = (0.85, 1.0),
-    min_keep: int = 10,
-    max_tries: int = 20,
-) -> Masks:
+def block_masks(batch_size: int, grid: Grid, generator: torch.Generator, num_targets: int = 4,
+                scale: tuple[float, float] = (0.15, 0.2), aspect: tuple[float, float] = (0.75, 1.5),
+                context_scale: tuple[float, float] = (0.85, 1.0), min_keep: int = 10, max_tries: int = 20) -> Masks:
     """I-JEPA multiblock masks (see module docstring)."""
     T, F = grid
     s = _uniform(generator, *scale)
@@ -168,16 +160,9 @@ def block_masks(
     return Masks(context=context, targets=targets, mode="block")
 
 
-def time_frequency_masks(
-    batch_size: int,
-    grid: Grid,
-    generator: torch.Generator,
-    num_targets: int = 3,
-    scale: tuple[float, float] = (0.05, 0.075),
-    context_scale: tuple[float, float] = (0.85, 1.0),
-    min_keep: int = 10,
-    max_tries: int = 20,
-) -> Masks:
+def time_frequency_masks(batch_size: int, grid: Grid, generator: torch.Generator, num_targets: int = 3,
+                         scale: tuple[float, float] = (0.05, 0.075), context_scale: tuple[float, float] = (0.85, 1.0),
+                         min_keep: int = 10, max_tries: int = 20) -> Masks:
     """Time strips / frequency strips of equal patch count (see module docstring)."""
     T, F = grid
     if T < 2:
