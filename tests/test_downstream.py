@@ -259,3 +259,13 @@ def test_probe_head_starts_fine_tuning_from_the_linear_probe():
         logits = finetune.predict(model, task, split.val, 32, cpu, torch.autocast("cpu", enabled=False))
         scores[init] = task.selection_score(task.y[split.val], logits)
     assert scores["probe"] > 90 and scores["zero"] <= 50
+
+
+def test_finetune_stage_drops_curves_of_runs_no_longer_configured(tmp_path):
+    from ajepa.stages.finetune import _drop_stale_curves
+    for name in ("pretrained-fold1", "pretrained-fold2", "random_init-fold1", "random_init-fold2"):
+        (tmp_path / name / "plots").mkdir(parents=True)
+    (tmp_path / "metrics.json").write_text("{}")  # not a run's folder: kept
+    _drop_stale_curves(tmp_path, {"pretrained-fold1", "random_init-fold1"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "pretrained-fold1", "random_init-fold1"]
+    _drop_stale_curves(tmp_path / "absent", set())  # no curves yet: nothing to do
