@@ -1,3 +1,4 @@
+import hashlib
 import os
 import shutil
 import subprocess
@@ -76,3 +77,13 @@ def parse_dry_run(text: str) -> list[dict]:
         elif not line.strip():
             job = None
     return jobs
+
+
+def tree_digest(root: Path) -> str:
+    """One hash of every file's relative path and bytes below root: equal trees, equal digests."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,21 +1,12 @@
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ajepa.datasets import synth
 from ajepa.datasets.manifest import esc50_layout, unlabeled_rows
+from conftest import tree_digest
 
 SPEC = synth.GeneratorSpec(seed=7, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -23,8 +14,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     synth.generate(tmp_path / "b", SPEC, clips_per_class=5, num_folds=5, pool_clips=6, workers=2)  # processes: same files
     other = synth.GeneratorSpec(seed=8, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
     synth.generate(tmp_path / "c", other, clips_per_class=5, num_folds=5, pool_clips=6)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
 
 
 def test_layout_parses_as_esc50(tmp_path):

@@ -1,7 +1,6 @@
 """The embedded spoken-words generator: deterministic, speaker-disjoint, in the Speech Commands layout,
 and speech-like where it matters for the benchmark."""
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +11,9 @@ from ajepa.data.frontend import FrontEnd
 from ajepa.datasets.manifest import unlabeled_rows
 from ajepa.datasets.sources import Located
 from ajepa.datasets.speech_commands import build_spc2
+from conftest import tree_digest
 
 SPEC = words.GeneratorSpec(seed=5, duration_s=1.0, sample_rate=16000, snr_db=(20.0, 30.0))
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -31,8 +22,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     words.generate(tmp_path / "b", SPEC, workers=2, **args)  # processes: the same files
     other = words.GeneratorSpec(seed=6, duration_s=1.0, sample_rate=16000, snr_db=(20.0, 30.0))
     words.generate(tmp_path / "c", other, **args)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
 
 
 def test_speech_commands_layout_with_speaker_disjoint_splits(tmp_path):
