@@ -143,7 +143,7 @@ def _comparable(path: Path):
     if path.name == "checkpoint.pt":
         # everything but the process's Python and NumPy generators, which nothing seeds or draws from
         state = torch.load(path, weights_only=False)
-        return {k: v for k, v in state.items() if k != "rng"}, [{k: v for k, v in r.items() if k not in ("python", "numpy")}
+        return {k: v for k, v in state.items() if k != "rng" and k not in TIMING_KEYS}, [{k: v for k, v in r.items() if k not in ("python", "numpy")}
                                                                  for r in state["rng"]]
     return path.read_bytes()
 

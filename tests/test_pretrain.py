@@ -112,6 +112,11 @@ def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     logged = pd.read_csv(tmp_path / "b/live/plots/metrics/train/loss.tsv", sep="\t")
     assert list(logged["step"]) == sorted(straight)  # no duplicated rows after the resume
+    # the clock covers the whole run: a rerun with nothing left to do reports the run's seconds and
+    # throughput, not the zeros of its own empty loop
+    r3, _ = _train(cfg, store_dir, tmp_path / "b")
+    assert r3.start_step == r3.steps == len(straight) and r3.seconds >= r2.seconds > r1.seconds > 0
+    assert r3.samples_per_s * r3.seconds == pytest.approx(len(straight) * cfg.optim.batch_size)
 
 
 def test_changed_parameters_start_afresh(store_dir, tmp_path):

@@ -61,11 +61,17 @@ def _timed(fn) -> dict:
 def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_tokens: bool) -> dict:
     """{"linear": ..., "attentive": ...} of one encoder (`label` names its weights for the cache)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = {"linear": _timed(lambda: evaluate_embeddings(task, cache.get(
-        f"{label}-{cfg.pooling}", lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling)), cfg))}
+
+    def pooled():
+        return cache.get(f"{label}-{cfg.pooling}",
+                         lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling))
+
+    def tokens():
+        return cache.get(f"{label}-tokens", lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device))
+
+    out = {"linear": _timed(lambda: evaluate_embeddings(task, pooled(), cfg))}
     if with_tokens:
-        out["attentive"] = _timed(lambda: evaluate_tokens(task, cache.get(
-            f"{label}-tokens", lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device)), cfg))
+        out["attentive"] = _timed(lambda: evaluate_tokens(task, tokens(), cfg))
     return out
 
 
@@ -85,8 +91,8 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
     rows["linear_random_init"] = r["linear"]
     if "attentive" in r:
         rows["attentive_random_init"] = r["attentive"]
-    rows["fbank_baseline"] = _timed(lambda: evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task)),
-                                                                 cfg))
+    rows["fbank_baseline"] = _timed(
+        lambda: evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task)), cfg))
     return rows
 
 

@@ -162,7 +162,10 @@ def resume(trainer: Trainer, checkpoint: Path, this_run: str, dist: DistInfo) ->
         return None
     trainer.load_state_dict(state)
     set_rng_state(state["rng"][dist.rank])  # one state per rank: each draws its own dropout
-    return {k: state[k] for k in ("step", "tf_steps", "loss", "target_rank")}
+    # the clock of the processes before this one (absent from checkpoints written before it was kept)
+    clock = {"seen": state.get("seen", 0), "probing": state.get("probe_seconds", 0.0),
+             "seconds_before": state.get("seconds", 0.0)}
+    return {k: state[k] for k in ("step", "tf_steps", "loss", "target_rank")} | clock
 
 
 def save(trainer: Trainer, checkpoint: Path, this_run: str, dist: DistInfo, counters: dict) -> None:
@@ -188,20 +191,31 @@ def _check_batch(cfg: PretrainConfig, store, dist: DistInfo) -> int:
 
 @dataclass
 class RunState:
-    """A run's counters (what the checkpoint keeps beside the trainer) and its clock."""
+    """A run's counters and clock (what the checkpoint keeps beside the trainer), over every process that
+    worked on the run: a resumed run reports the seconds and clips of the whole run, not of its last part."""
 
     step: int = 0  # steps done
     tf_steps: int = 0
     loss: float = float("nan")
     target_rank: float = float("nan")
-    seen: int = 0  # clips since this process started
-    seen_since_log: int = 0
+    seen: int = 0  # clips trained on
     probing: float = 0.0  # seconds spent in learning-curve probes
+    seconds_before: float = 0.0  # training seconds of the processes before this one
+    seen_since_log: int = 0
     started: float = field(default_factory=time.perf_counter)
     last_log: float = field(default_factory=time.perf_counter)
+    probing_before: float = field(init=False)
+
+    def __post_init__(self):
+        self.probing_before = self.probing
+
+    def training_seconds(self) -> float:
+        """Wall-clock seconds of training so far, without the learning-curve probes."""
+        return self.seconds_before + time.perf_counter() - self.started - (self.probing - self.probing_before)
 
     def counters(self) -> dict:
-        return {"step": self.step, "tf_steps": self.tf_steps, "loss": self.loss, "target_rank": self.target_rank}
+        return {"step": self.step, "tf_steps": self.tf_steps, "loss": self.loss, "target_rank": self.target_rank,
+                "seen": self.seen, "probe_seconds": self.probing, "seconds": self.training_seconds()}
 
 
 def _distributed(model: AJEPA, dist: DistInfo) -> torch.nn.Module:
@@ -290,8 +304,9 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
 def _finish(cfg, trainer: Trainer, run: RunState, paths: PretrainPaths, dist: DistInfo, grid, patch_size: int,
             total_steps: int, start_step: int, checkpoint: Path, this_run: str) -> PretrainResult:
     """Save the final state, export both encoders when the run is complete, and sum it up."""
-    seconds = time.perf_counter() - run.started - run.probing
-    save(trainer, checkpoint, this_run, dist, run.counters())
+    counters = run.counters()
+    seconds = counters["seconds"]
+    save(trainer, checkpoint, this_run, dist, counters)
     if dist.is_main and run.step == total_steps:
         for which, path in paths.encoders.items():
             export_encoder(path, getattr(trainer.model, f"{which}_encoder"), encoder_config(cfg, grid, patch_size))
