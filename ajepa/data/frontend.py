@@ -17,6 +17,12 @@ import torch
 import torchaudio
 
 
+# Decoded integer PCM lies in [-1, 1); float files may exceed full scale (mastering headroom, sums of
+# tracks), but a sample beyond this bound is a broken or mis-scaled file, and its squares overflow the
+# float32 fbank (1e30 squared is inf), which would make the dataset's mean and std NaN.
+MAX_ABS_SAMPLE = 1e3
+
+
 class UnreadableAudio(Exception):
     """A clip that cannot become features; the message is the reason recorded in the rejects file."""
 
@@ -38,7 +44,8 @@ class FrontEnd:
         return int(self.sample_rate * self.frame_length_ms / 1000)
 
     def load(self, path) -> torch.Tensor:
-        """Read a file as a mono float32 waveform [1, n] at the front end's sample rate."""
+        """Read a file as a mono float32 waveform [1, n] at the front end's sample rate; a file with
+        non-finite samples or samples beyond MAX_ABS_SAMPLE is refused (UnreadableAudio)."""
         try:
             with sf.SoundFile(str(path)) as f:
                 sr = f.samplerate
@@ -52,8 +59,11 @@ class FrontEnd:
             raise UnreadableAudio(f"unreadable audio: {' '.join(str(e).split())}") from None
         if data.size == 0:
             raise UnreadableAudio("empty: no samples")
-        if not np.isfinite(data).all():
+        peak = float(np.abs(data).max())
+        if not np.isfinite(peak):
             raise UnreadableAudio("non-finite samples")
+        if peak > MAX_ABS_SAMPLE:
+            raise UnreadableAudio(f"samples out of range: peak |x| {peak:.3g} > {MAX_ABS_SAMPLE:g}")
         wav = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])[None]
         return self.resample(wav, sr)
 

@@ -5,7 +5,8 @@
     DIR/stats.json            mean/std from the training splits, front-end settings, counts
     DIR/rejects.csv           path, reason for every clip that could not become features
 
-Shards are pre-allocated and filled in chunks by worker processes, so the dataset is never held in
+Shards are pre-allocated (their blocks reserved, so a full disk fails the allocation with ENOSPC
+instead of killing a worker with SIGBUS when it writes a page that has no block) and filled in chunks by worker processes, so the dataset is never held in
 memory and one slow clip does not stall a whole shard. A rejected clip leaves a zero row that the
 index does not point at. Statistics cover the valid (unpadded) frames of the training splits only.
 """
@@ -16,6 +17,8 @@ import json
 import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ajepa.atomic import atomic_path, write_csv
+from ajepa.atomic import atomic_path, free_space, write_csv
 from ajepa.data.frontend import FrontEnd, UnreadableAudio, normalize, pad_or_crop
 from ajepa.datasets.manifest import STATS_SPLITS
 from ajepa.errors import AjepaError
@@ -68,6 +71,9 @@ def _process_chunk(task):
             except UnreadableAudio as e:
                 results.append((str(e), 0, 0.0, 0.0, 0, 0.0))
                 continue
+            if not torch.isfinite(fb).all():
+                results.append(("non-finite features", 0, 0.0, 0.0, 0, 0.0))
+                continue
             n_frames = fb.shape[0]
             fb = pad_or_crop(fb, target_length)
             valid = fb[: min(n_frames, target_length)].double()
@@ -89,31 +95,53 @@ def _plan(manifest: pd.DataFrame, root: Path, shard_clips: int, target_length: i
         shard_path = root / f"shard-{s:05d}.npy"
         # open_memmap writes the header and sizes the file sparsely: nothing is held in memory
         np.lib.format.open_memmap(shard_path, mode="w+", dtype=np.float16, shape=(rows, target_length, mel_bins)).flush()
+        _reserve(shard_path)
         for c in range(0, rows, CHUNK_CLIPS):
             paths = manifest["path"].iloc[shard_start + c: shard_start + min(c + CHUNK_CLIPS, rows)].tolist()
             tasks.append((str(shard_path), c, paths, target_length))
     return tasks
 
 
-def _run(tasks: list[tuple], frontend: FrontEnd, workers: int, bar) -> list[tuple]:
-    """Every task's per-clip results, in task order (so in manifest order), from `workers` processes."""
-    results, pool = {}, None
-    if workers == 1:
-        _init_worker(frontend)
-        outputs = map(_process_chunk, tasks)
-    else:
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(frontend,))
-        outputs = pool.imap_unordered(_process_chunk, tasks)
+def _reserve(path: Path) -> None:
+    """Give a sparse file its blocks now, so that running out of space is an error here."""
+    if hasattr(os, "posix_fallocate"):  # not on macOS, where a full disk stays a worker's SIGBUS
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
+def _run(tasks: list[tuple], frontend: FrontEnd, workers: int, bar, out_dir: Path) -> list[tuple]:
+    """Every task's per-clip results, in task order (so in manifest order), from `workers` processes.
+
+    A worker that dies (killed, out of memory, a bus error) fails the run with one line: the
+    executor notices the dead process, where a multiprocessing.Pool would wait for its task forever."""
+    results = {}
     try:
-        for start, shard_path, chunk in outputs:
-            results[(shard_path, start)] = chunk
-            bar.update(len(chunk))
+        if workers == 1:
+            _init_worker(frontend)
+            for task in tasks:
+                _collect(results, _process_chunk(task), bar)
+        else:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                     initargs=(frontend,)) as pool:
+                futures = [pool.submit(_process_chunk, task) for task in tasks]
+                try:
+                    for future in as_completed(futures):
+                        _collect(results, future.result(), bar)
+                except BrokenProcessPool:
+                    raise AjepaError(f"features {out_dir}: a worker process died (killed from outside, out of "
+                                     f"memory, or a bus error; {free_space(out_dir)}); nothing was installed") from None
+                finally:
+                    for future in futures:
+                        future.cancel()
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return [clip for shard_path, start, _, _ in tasks for clip in results[(shard_path, start)]]
+
+
+def _collect(results: dict, output: tuple, bar) -> None:
+    start, shard_path, chunk = output
+    results[(shard_path, start)] = chunk
+    bar.update(len(chunk))
 
 
 def _statistics(manifest: pd.DataFrame, numbers: np.ndarray, ok: np.ndarray) -> tuple[float, float, int]:
@@ -124,6 +152,8 @@ def _statistics(manifest: pd.DataFrame, numbers: np.ndarray, ok: np.ndarray) -> 
     total, total_sq, count = numbers[in_stats, 1:4].sum(axis=0)
     mean = total / count
     std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise AjepaError(f"statistics: mean {mean} and std {std} over the accepted training clips are not finite")
     if std == 0.0:
         raise AjepaError("statistics: zero standard deviation over the training clips (all silent?)")
     return float(mean), std, int(count)
@@ -145,7 +175,7 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
         tmp.mkdir()
         tasks = _plan(manifest, tmp, shard_clips, target_length, frontend.num_mel_bins)
         per_clip = _run(tasks, frontend, num_workers or os.cpu_count() or 1,
-                        progress_bar(n, f"features {out_dir.name}", "clip", enabled=progress))
+                        progress_bar(n, f"features {out_dir.name}", "clip", enabled=progress), out_dir)
         reasons = np.array([r[0] for r in per_clip], dtype=object)
         ok = reasons == ""
         rejects = pd.DataFrame({"path": manifest["path"].to_numpy()[~ok], "reason": reasons[~ok]})

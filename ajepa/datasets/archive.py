@@ -4,18 +4,23 @@ Every member is checked before anything is written for it, and the archive is re
 member named) when a member has an absolute path, a `..` component, is a device, FIFO or socket, is
 a symbolic or hard link that resolves outside the target, or would be written through a link that
 leads outside. Callers extract into a temporary directory (ajepa.atomic) that is deleted on error,
-so a refused archive leaves nothing behind, inside the target or outside it.
+so a refused archive leaves nothing behind, inside the target or outside it. An archive that is
+truncated or corrupt (the stream ends early, a checksum inside fails) is a BrokenArchive: one line
+naming the file, never a decompressor's traceback.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import os
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +30,14 @@ from ajepa.progress import progress
 
 class UnsafeArchive(AjepaError):
     """An archive member that could write outside the target directory."""
+
+
+class BrokenArchive(AjepaError):
+    """An archive that cannot be read to its end: truncated, corrupt, or not an archive at all."""
+
+
+# what the tar, zip and decompression modules raise for bytes that end early or do not decode
+_BROKEN = (EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 class ConcatenatedFile(io.RawIOBase):
@@ -86,30 +99,48 @@ def extract(paths: list[Path], target: Path, label: str | None = None, show_prog
     """Extract a zip or tar archive (given as one file or its pieces, in order) into `target`.
 
     Returns the number of members written. The format is detected from the content, not the name.
+    Raises BrokenArchive for an archive that cannot be read to its end.
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     label = label or paths[0].name
-    with open_archive(paths) as stream:
-        if zipfile.is_zipfile(stream):
+    remedy = "delete it (or replace it with a whole copy) and rerun"
+    try:
+        with open_archive(paths) as stream:
+            if zipfile.is_zipfile(stream):
+                stream.seek(0)
+                return _extract_zip(stream, target, label, show_progress)
             stream.seek(0)
-            return _extract_zip(stream, target, label, show_progress)
-        stream.seek(0)
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r:*")
-        except tarfile.TarError:
-            raise AjepaError(f"{label}: neither a zip nor a tar archive (truncated or not an archive?)") from None
-        with tar:
-            return _extract_tar(tar, target, label, show_progress)
+            try:
+                tar = tarfile.open(fileobj=stream, mode="r:*")
+            except tarfile.TarError:
+                raise BrokenArchive(f"{label}: neither a zip nor a tar archive (truncated or not an archive?): "
+                                    f"{remedy}") from None
+            with tar:
+                return _extract_tar(tar, target, label, show_progress)
+    except _BROKEN as e:
+        raise BrokenArchive(f"{label}: truncated or corrupt archive ({type(e).__name__}: {e}): {remedy}") from None
+    except OSError as e:
+        if e.errno is not None:
+            raise  # the file system's own error (a full disk): not the archive's fault
+        raise BrokenArchive(f"{label}: truncated or corrupt archive ({e}): {remedy}") from None
+
+
+def escapes(name: str) -> str | None:
+    """Why the relative name `name` could lead outside its folder ("an absolute path", "a '..'
+    component"), or None when it stays inside (as far as the name tells: links are checked apart)."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "a '..' component"
+    return None
 
 
 def _member_path(name: str, target: Path, label: str) -> Path | None:
     """The destination of a member, after the name checks; None for the archive's root entry."""
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        raise UnsafeArchive(f"{label}: member {name!r} has an absolute path: refusing to extract")
+    if reason := escapes(name):
+        raise UnsafeArchive(f"{label}: member {name!r} has {reason}: refusing to extract")
     parts = [p for p in re.split(r"[\\/]", name) if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeArchive(f"{label}: member {name!r} has a '..' component: refusing to extract")
     if not parts:
         return None
     dest = target.joinpath(*parts)

@@ -1,7 +1,10 @@
 """Fetch one file over HTTP(S): resumable, retried, verified, renamed into place only when whole.
 
     dest.part              the bytes received so far; an interrupted run resumes them (HTTP Range)
-    dest                   appears (atomic rename) only after the size and checksum match
+    dest                   appears (atomic rename) only when whole: its length is known (published,
+                           or announced by the server) and matched, or a known checksum matches; a
+                           server that just closes the connection, with no length, for a file with
+                           no published size or checksum leaves it at dest.part and says so
     dest.<sha256>.corrupt  a file whose size or checksum did not match (a finished download, or an
                            earlier `dest` that no longer verifies): set aside under a name made from
                            its own content, so nothing is deleted or overwritten, and never used
@@ -100,20 +103,20 @@ def download(url: str, dest: Path, size: int | None = None, checksum: Checksum |
         try:
             return verify(dest, size, checksum, show_progress)
         except ChecksumMismatch:
-            _set_aside(dest)
+            set_aside(dest)
     part = dest.with_name(dest.name + ".part")
-    _fetch(url, part, size, retries, backoff_s, timeout_s, show_progress)
+    _fetch(url, part, size, checksum is not None, retries, backoff_s, timeout_s, show_progress)
     try:
         digests = verify(part, size, checksum, show_progress)
     except ChecksumMismatch as e:
-        kept = _set_aside(part, dest.name)
+        kept = set_aside(part, dest.name)
         raise ChecksumMismatch(f"{url}: {str(e).split(': ', 1)[1]}; the download is set aside as {kept} "
                                f"(not used): check the URL, mirror or configured checksum") from None
     os.replace(part, dest)
     return digests
 
 
-def _set_aside(path: Path, name: str | None = None) -> Path:
+def set_aside(path: Path, name: str | None = None) -> Path:
     """Rename a file that failed verification to NAME.<first 16 hex of its sha256>.corrupt."""
     digest = file_digests(path)["sha256"][:16]
     kept = path.with_name(f"{name or path.name}.{digest}.corrupt")
@@ -121,8 +124,8 @@ def _set_aside(path: Path, name: str | None = None) -> Path:
     return kept
 
 
-def _fetch(url: str, part: Path, size: int | None, retries: int, backoff_s: float, timeout_s: float,
-           show_progress: bool) -> None:
+def _fetch(url: str, part: Path, size: int | None, has_checksum: bool, retries: int, backoff_s: float,
+           timeout_s: float, show_progress: bool) -> None:
     """Bring `part` to the full length of `url`, resuming and retrying."""
     failures = 0
     have = part.stat().st_size if part.exists() else 0
@@ -139,8 +142,14 @@ def _fetch(url: str, part: Path, size: int | None, retries: int, backoff_s: floa
             before = have
             try:
                 done = _attempt(url, part, have, timeout_s, bar)
-                if done:
-                    return
+                if done or (done is None and size is None and has_checksum):
+                    return  # the checksum decides
+                if done is None and size is None:
+                    raise AjepaError(
+                        f"{url}: the server closed the connection after {part.stat().st_size} bytes without "
+                        f"announcing the length, and no size or checksum is known for this file, so a cut "
+                        f"download cannot be told from a whole one: the bytes are kept in {part} (not used); "
+                        f"rerun to resume, or configure its checksum, or pass the file as --source")
                 raise _Interrupted("the connection closed before the end of the file")
             except urllib.error.HTTPError as e:
                 if e.code not in RETRYABLE_STATUS:
@@ -160,7 +169,8 @@ def _fetch(url: str, part: Path, size: int | None, retries: int, backoff_s: floa
 
 
 def _attempt(url: str, part: Path, have: int, timeout_s: float, bar) -> bool:
-    """One request from byte `have`. True when the file is complete, False when the stream ended early."""
+    """One request from byte `have`. True when the file is complete, False when the stream ended early,
+    None when it ended without a length to compare with (a close-delimited response)."""
     headers = {"User-Agent": USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -187,6 +197,9 @@ def _attempt(url: str, part: Path, have: int, timeout_s: float, bar) -> bool:
                                    f"{response.headers.get('Content-Range')!r}")
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
+        # chunked framing marks its own end (a cut one raises IncompleteRead); without it or a length,
+        # a connection closed early looks just like the end of the file
+        chunked = "chunked" in (response.headers.get("Transfer-Encoding") or "").lower()
         received = 0
         with open(part, "ab" if have else "wb") as out:
             while True:
@@ -199,4 +212,6 @@ def _attempt(url: str, part: Path, have: int, timeout_s: float, bar) -> bool:
                 out.write(block)
                 received += len(block)
                 bar.update(len(block))
-        return expected is None or received == expected
+        if expected is not None:
+            return received == expected
+        return True if chunked else None

@@ -29,6 +29,7 @@ import pandas as pd
 import soundfile as sf
 
 from ajepa.atomic import write_csv, write_json
+from ajepa.datasets.archive import escapes
 from ajepa.errors import AjepaError
 
 COLUMNS = ["clip_id", "path", "labels", "fold", "split", "duration_s", "sample_rate"]
@@ -97,7 +98,7 @@ def esc50_layout(root: Path, meta_csv: str = "meta/esc50.csv", audio_dir: str = 
         raise AjepaError(f"{meta_path}: empty fold or target values")
     rows = pd.DataFrame({
         "clip_id": meta["filename"].str.replace(r"\.wav$", "", regex=True),
-        "path": [str(root / audio_dir / f) for f in meta["filename"]],
+        "path": listed_paths(root / audio_dir, meta["filename"], meta_path),
         "labels": meta["category"],
         "fold": meta["fold"].astype(int),
         "split": "train",
@@ -113,8 +114,18 @@ def unlabeled_rows(root: Path, meta_csv: str, audio_dir: str) -> pd.DataFrame:
     except (FileNotFoundError, KeyError):
         raise AjepaError(f"{meta_path}: expected a CSV with a 'filename' column") from None
     return pd.DataFrame({"clip_id": names.str.replace(r"\.wav$", "", regex=True),
-                         "path": [str(root / audio_dir / f) for f in names],
+                         "path": listed_paths(root / audio_dir, names, meta_path),
                          "labels": "", "fold": 0, "split": "pretrain"})
+
+
+def listed_paths(folder: Path, names: pd.Series, listing: Path) -> list[str]:
+    """folder/NAME for each name a dataset's listing gives; a name that would lead outside the
+    folder (absolute, or climbing out with '..') is refused, so a listing reads only its dataset."""
+    for i, name in enumerate(names.astype(str)):
+        if reason := escapes(name):
+            raise AjepaError(f"{listing} line {i + 2}: filename {name!r} has {reason}, leading outside "
+                             f"{folder}: refusing it")
+    return [str(folder / f) for f in names]
 
 
 def add_audio_info(rows: pd.DataFrame) -> pd.DataFrame:

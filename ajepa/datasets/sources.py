@@ -23,8 +23,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ajepa.datasets.archive import extract
-from ajepa.datasets.download import Checksum, ChecksumMismatch, download, verify
+from ajepa.datasets.archive import BrokenArchive, extract
+from ajepa.datasets.download import Checksum, ChecksumMismatch, download, set_aside, verify
 from ajepa.datasets.registry import DatasetInfo, Part, RemoteFile
 from ajepa.errors import AjepaError
 
@@ -71,7 +71,12 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
                                    expected_checksum(f, checksums), show_progress=show_progress)
                 located.records.append(_record(f, file_url(f, mirror), dest, digests, expected_checksum(f, checksums)))
                 files.append(dest)
-            _install(info, part, files, workdir, located, show_progress)
+            try:
+                _install(info, part, files, workdir, located, show_progress)
+            except BrokenArchive as e:
+                unverified = [d for f, d in zip(part.files, files)
+                              if expected_checksum(f, checksums) is None and expected_size(f, checksums) is None]
+                raise BrokenArchive(_set_aside_broken(e, unverified)) from None
         return located
 
     src = Path(source)
@@ -115,6 +120,15 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
             located.roots[part.name] = root
             located.in_place[part.name] = root
     return located
+
+
+def _set_aside_broken(error: BrokenArchive, downloads: list[Path]) -> str:
+    """Move downloads that nothing verified and that do not open out of their final names (a cut
+    download that a server could not be caught sending short), so the next run fetches them again."""
+    if not downloads:
+        return str(error)
+    kept = ", ".join(str(set_aside(d)) for d in downloads)
+    return f"{str(error).rsplit(': ', 1)[0]}; set aside as {kept} (not used): rerun to download it again"
 
 
 def _archives_in(part: Part, directory: Path) -> list[tuple[RemoteFile | None, Path]] | None:

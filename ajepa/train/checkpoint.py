@@ -66,7 +66,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write `state` to `path` atomically: a crash mid-save leaves the previous checkpoint intact."""
     _check_loadable(state)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        # through a Python file object: given a name, torch's own writer reports a full disk as
+        # "unexpected pos" and hides the OSError that atomic_path turns into a one-line error
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
         _fsync(tmp)
 
 
