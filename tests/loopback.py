@@ -13,6 +13,7 @@ class Loopback:
         self.root = Path(root)
         self.fail: dict[str, list[int]] = {}  # file name -> HTTP statuses answered before serving it
         self.truncate_once: dict[str, int] = {}  # file name -> bytes sent before the connection drops
+        self.cut_unannounced: set[str] = set()  # names whose cut response has no Content-Length (a stream)
         self.ignore_range = False  # answer every request with the whole file (200), as some servers do
         self.requests: list[tuple[str, str | None, int]] = []  # (file name, Range header, status)
         loopback = self
@@ -70,10 +71,12 @@ class Loopback:
             log(200)
             handler.send_response(200)
         body = data[start:]
-        handler.send_header("Content-Length", str(len(body)))
+        cut = self.truncate_once.pop(name, None)
+        if cut is None or name not in self.cut_unannounced:
+            handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
-        if name in self.truncate_once:
-            body = body[:self.truncate_once.pop(name)]
+        if cut is not None:
+            body = body[:cut]
             handler.close_connection = True
         handler.wfile.write(body)
         handler.wfile.flush()

@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ajepa.atomic import space_error
 from ajepa.errors import AjepaError
 from ajepa.progress import progress
 
@@ -156,6 +157,8 @@ def _fetch(url: str, part: Path, size: int | None, has_checksum: bool, retries: 
                     raise AjepaError(f"{url}: HTTP {e.code} {e.reason}") from None
                 error = f"HTTP {e.code} {e.reason}"
             except (urllib.error.URLError, http.client.HTTPException, OSError, _Interrupted) as e:
+                if (full := space_error(part, e)) is not None:
+                    raise full from None  # no retry makes room: what arrived stays for a resume
                 error = " ".join(str(getattr(e, "reason", e) or type(e).__name__).split())
             have = part.stat().st_size if part.exists() else 0
             failures = 0 if have > before else failures + 1

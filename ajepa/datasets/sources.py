@@ -64,19 +64,7 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
     located = Located()
     if source is None:
         for part in info.parts:
-            files = []
-            for f in part.files:
-                dest = downloads / f.name
-                digests = download(file_url(f, mirror), dest, expected_size(f, checksums),
-                                   expected_checksum(f, checksums), show_progress=show_progress)
-                located.records.append(_record(f, file_url(f, mirror), dest, digests, expected_checksum(f, checksums)))
-                files.append(dest)
-            try:
-                _install(info, part, files, workdir, located, show_progress)
-            except BrokenArchive as e:
-                unverified = [d for f, d in zip(part.files, files)
-                              if expected_checksum(f, checksums) is None and expected_size(f, checksums) is None]
-                raise BrokenArchive(_set_aside_broken(e, unverified)) from None
+            _download_part(info, part, workdir, downloads, mirror, checksums, located, show_progress)
         return located
 
     src = Path(source)
@@ -120,6 +108,23 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
             located.roots[part.name] = root
             located.in_place[part.name] = root
     return located
+
+
+def _download_part(info: DatasetInfo, part: Part, workdir: Path, downloads: Path, mirror: str | None,
+                   checksums: dict[str, str], located: Located, show_progress: bool) -> None:
+    files = []
+    for f in part.files:
+        dest = downloads / f.name
+        digests = download(file_url(f, mirror), dest, expected_size(f, checksums),
+                           expected_checksum(f, checksums), show_progress=show_progress)
+        located.records.append(_record(f, file_url(f, mirror), dest, digests, expected_checksum(f, checksums)))
+        files.append(dest)
+    try:
+        _install(info, part, files, workdir, located, show_progress)
+    except BrokenArchive as e:
+        unverified = [d for f, d in zip(part.files, files)
+                      if expected_checksum(f, checksums) is None and expected_size(f, checksums) is None]
+        raise BrokenArchive(_set_aside_broken(e, unverified)) from None
 
 
 def _set_aside_broken(error: BrokenArchive, downloads: list[Path]) -> str:
