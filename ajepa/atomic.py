@@ -53,7 +53,7 @@ def space_error(path: str | os.PathLike, error: BaseException) -> AjepaError | N
     the OSError in its own exception, as torch.save does), or None for any other failure."""
     seen = error
     while seen is not None and not (isinstance(seen, OSError) and seen.errno in SPACE_ERRNOS):
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     if seen is None:
         return None
     return AjepaError(f"{path}: cannot write: {os.strerror(seen.errno)} ({free_space(path)}); "

@@ -13,6 +13,7 @@ index does not point at. Statistics cover the valid (unpadded) frames of the tra
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -104,9 +105,15 @@ def _plan(manifest: pd.DataFrame, root: Path, shard_clips: int, target_length: i
 
 def _reserve(path: Path) -> None:
     """Give a sparse file its blocks now, so that running out of space is an error here."""
-    if hasattr(os, "posix_fallocate"):  # not on macOS, where a full disk stays a worker's SIGBUS
-        with open(path, "r+b") as f:
+    if not hasattr(os, "posix_fallocate"):
+        return  # macOS: a full disk stays a worker's SIGBUS, which the executor reports
+    with open(path, "r+b") as f:
+        try:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            # a file system that cannot reserve blocks keeps the sparse file, as before
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
 
 def _run(tasks: list[tuple], frontend: FrontEnd, workers: int, bar, out_dir: Path) -> list[tuple]:

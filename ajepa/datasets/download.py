@@ -7,7 +7,8 @@
                            no published size or checksum leaves it at dest.part and says so
     dest.<sha256>.corrupt  a file whose size or checksum did not match (a finished download, or an
                            earlier `dest` that no longer verifies): set aside under a name made from
-                           its own content, so nothing is deleted or overwritten, and never used
+                           its own content, so nothing is deleted or overwritten, and never used;
+                           also an unverified download that does not open as an archive (sources)
 
 Only the standard library is used (urllib), so nothing but Python is needed on a cluster login node.
 """
