@@ -30,6 +30,7 @@ import soundfile as sf
 
 from ajepa.atomic import write_csv, write_json
 from ajepa.errors import AjepaError
+from ajepa.progress import progress
 
 COLUMNS = ["clip_id", "path", "labels", "fold", "split", "duration_s", "sample_rate"]
 MISSING_COLUMNS = ["clip_id", "split", "listed_in", "reason"]
@@ -117,8 +118,13 @@ def unlabeled_rows(root: Path, meta_csv: str, audio_dir: str) -> pd.DataFrame:
                          "labels": "", "fold": 0, "split": "pretrain"})
 
 
-def add_audio_info(rows: pd.DataFrame) -> pd.DataFrame:
-    info = [audio_info(Path(p)) for p in rows["path"]]
+def add_audio_info(rows: pd.DataFrame, desc: str = "read headers") -> pd.DataFrame:
+    """The rows with each file's duration and sample rate (a header read per clip: minutes for AudioSet)."""
+    info = []
+    with progress(len(rows), desc, "clip") as bar:
+        for path in rows["path"]:
+            info.append(audio_info(Path(path)))
+            bar.update()
     rows = rows.copy()
     rows["duration_s"] = [round(d, 6) for d, _ in info]
     rows["sample_rate"] = [sr for _, sr in info]

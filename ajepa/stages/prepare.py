@@ -109,7 +109,7 @@ def prepare_published(params: Params, dataset: str, source: str | None = None) -
         write_json(tmp / "source.json", origin)
         rows = built.rows.assign(path=[str(raw / Path(p).relative_to(tmp)) if Path(p).is_relative_to(tmp) else p
                                        for p in built.rows["path"]])
-    rows = add_audio_info(rows)
+    rows = add_audio_info(rows, f"headers {dataset}")
     counts = _compare_with_published(info.expected, rows, built)
     csv_path, _ = write_manifest(paths.manifest_dir(), dataset, rows, {
         "classes": built.classes, "protocol": info.protocol, "title": info.title, "licence": info.licence,
