@@ -95,7 +95,8 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
     if "attentive" in r:
         rows["attentive_random_init"] = r["attentive"]
     rows["fbank_baseline"] = _timed(
-        lambda: evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task, desc=f"fbank {task.name}")), cfg))
+        lambda: evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task, desc=f"fbank {task.name}")),
+                                    cfg))
     return rows
 
 
