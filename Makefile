@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[pipeline,test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,5 +30,7 @@ check: install
 	snakemake --lint
 	ajepa params-doc | diff -u docs/parameters.md -
 
+# what the pipeline rebuilds; data/downloads/ (the fetched archives: VoxCeleb alone is ~30 GB) stays
 clean:
-	rm -rf data logs results models dvclive .snakemake
+	if [ -d data ]; then find data -mindepth 1 -maxdepth 1 ! -name downloads -exec rm -rf {} +; fi
+	rm -rf logs results models dvclive .snakemake

@@ -6,16 +6,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ajepa import __version__
 from ajepa.errors import AjepaError
 
+# what `pip install -e '.[pipeline]'` adds to the library: a stage that needs one names the remedy
+PIPELINE_MODULES = {"dvc", "dvclive", "snakemake", "matplotlib", "ruamel"}
 
-def _parser() -> argparse.ArgumentParser:
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ajepa",
         description="A-JEPA pipeline stages. Each reads its section of params.yaml; dvc.yaml and the "
                     "Snakefile call these same commands.")
+    p.add_argument("--version", action="version", version=f"ajepa {__version__}")
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = p.add_subparsers(dest="command", required=True, metavar="STAGE", help="the stage or tool to run")
 
     s = sub.add_parser("prepare", help="generate or fetch a dataset and write its manifest")
     s.add_argument("dataset", help="dataset name under `datasets` in params.yaml: synth, words, esc50, spc2, "
@@ -25,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                         "downloading (overrides datasets.DATASET.prepare.source)")
 
     s = sub.add_parser("features", help="log-mel fbank features into memory-mapped shards")
-    s.add_argument("dataset")
+    s.add_argument("dataset", help="a dataset of pipeline.datasets whose manifest `ajepa prepare` wrote")
 
     s = sub.add_parser("pool", help="list what pretraining takes from one dataset's features")
     s.add_argument("dataset", help="a dataset of pretrain.datasets")
@@ -35,10 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
 
     s = sub.add_parser("linear", help="frozen-encoder linear evaluation on a benchmark (plus baselines)")
-    s.add_argument("benchmark", help="benchmark name under `benchmarks` in params.yaml (e.g. synth)")
+    s.add_argument("benchmark", help="a benchmark with a recipe under `finetune` in params.yaml (e.g. synth)")
 
     s = sub.add_parser("finetune", help="fine-tune the pretrained encoder on a benchmark (resumes)")
-    s.add_argument("benchmark")
+    s.add_argument("benchmark", help="a benchmark with a recipe under `finetune` in params.yaml (e.g. synth)")
 
     s = sub.add_parser("report", help="results/report.md and results/summary.json from every stage's metrics")
 
@@ -49,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
     s = sub.add_parser("bench", help="measure throughput of a stage")
-    bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT", help="what to measure")
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
     b.add_argument("--clips", type=int, default=200, help="clips per measurement (default 200)")
     b.add_argument("--workers", type=int, default=0, help="processes for the parallel run (0 = one per core)")
@@ -70,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":
             from ajepa.tools import bench  # bench pretrain reads --params itself
@@ -114,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except AjepaError as e:
         print(f"ajepa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name.split(".")[0] not in PIPELINE_MODULES:
+            raise
+        print(f"ajepa {args.command}: error: no module {e.name}: install the pipeline tools "
+              "(pip install -e '.[pipeline]')", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ajepa {args.command}: interrupted", file=sys.stderr)

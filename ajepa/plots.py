@@ -1,4 +1,5 @@
-"""Pictures a researcher looks at: masks over real spectrograms, confusion matrices, the report's plots."""
+"""Pictures a researcher looks at: masks over real spectrograms and the report's plots (fine-tuning
+confusion matrices and AP per class are `dvc plots` data, written by the finetune stage)."""
 
 from __future__ import annotations
 
@@ -51,27 +52,6 @@ def _save(fig, path: Path, dpi: int = 90) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
-
-
-def plot_confusion(conf: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    """Counts, rows = true class, columns = predicted class; the diagonal is what was right."""
-    n = len(classes)
-    size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(conf, cmap="Blues")
-    if n <= 40:
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-        for i in range(n):
-            for j in range(n):
-                if conf[i, j]:
-                    ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if conf[i, j] > conf.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    acc = np.trace(conf) / max(conf.sum(), 1) * 100
-    ax.set_title(f"{title}\naccuracy {acc:.1f}% over {int(conf.sum())} clips", fontsize=9)
-    _save(fig, path)
 
 
 def plot_pretrain_curves(curves_dir: Path, path: Path) -> None:
@@ -133,21 +113,4 @@ def plot_benchmark_bars(bench: str, rows: dict, metric: str, paper: dict[str, fl
     ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{bench}: this run (blue: A-JEPA, grey: baselines), paper (orange)", fontsize=9)
-    _save(fig, path)
-
-
-def plot_per_class(classes: list[str], per_run_ap: list[list], path: Path, title: str) -> None:
-    """Average precision per class (mean over runs; classes without a test positive left out), sorted."""
-    ap = np.array([[np.nan if v is None else v for v in run] for run in per_run_ap], dtype=float)
-    mean = np.nanmean(ap, axis=0) if np.isfinite(ap).any() else np.full(len(classes), np.nan)
-    order = [k for k in np.argsort(-np.nan_to_num(mean, nan=-1.0)) if np.isfinite(mean[k])]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.12 * len(order) + 2), 3.4))
-    ax.bar(range(len(order)), mean[order], color="tab:blue", width=0.9)
-    if len(order) <= 40:
-        ax.set_xticks(range(len(order)), [classes[k] for k in order], rotation=90, fontsize=7)
-    else:
-        ax.set_xticks([])
-        ax.set_xlabel(f"{len(order)} classes, best to worst")
-    ax.set_ylabel("AP (%)")
-    ax.set_title(title, fontsize=9)
     _save(fig, path)

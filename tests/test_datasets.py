@@ -4,6 +4,7 @@
 import hashlib
 import json
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -265,6 +266,33 @@ def test_vox1_joined_dev_zip_and_separate_extracted_trees(project, capsys, tmp_p
     assert code == 0, err
     rows, meta, _ = manifest("vox1")
     assert as_table(rows) == expected["clips"] and set(meta["in_place"]) == {"dev", "test"}
+
+
+def test_a_repacked_archive_names_both_ways_forward(project, capsys, tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    expected = mini.spc2(downloads)  # not the published 2.4 GB file: what a re-packed copy looks like
+    archive = downloads / "speech_commands_v0.02.tar.gz"
+    write_params("spc2")
+    code, _, err = ajepa(capsys, "prepare", "spc2", "--source", str(archive))
+    assert code == 2 and "size mismatch: expected 2428923189 bytes" in err
+    assert "set datasets.spc2.prepare.checksums to {speech_commands_v0.02.tar.gz: 'sha256:<its sha256sum>'}" in err
+    assert "or pass the extracted folder to --source" in err
+
+    write_params("spc2", checksums={archive.name: "sha256:" + "0" * 64})  # a wrong one, set by hand
+    code, _, err = ajepa(capsys, "prepare", "spc2", "--source", str(archive))
+    assert code == 2 and "sha256 mismatch" in err and "correct or remove its entry in datasets.spc2" in err
+
+    write_params("spc2", checksums={archive.name: mini.sha256_of(archive)})  # the first way
+    assert ajepa(capsys, "prepare", "spc2", "--source", str(archive))[0] == 0
+    assert as_table(manifest("spc2")[0]) == expected["clips"]
+
+    extracted = tmp_path / "mine"  # the second way
+    with tarfile.open(archive) as tf:
+        tf.extractall(extracted, filter="data")
+    write_params("spc2")
+    assert ajepa(capsys, "prepare", "spc2", "--source", str(extracted))[0] == 0
+    assert as_table(manifest("spc2")[0]) == expected["clips"]
 
 
 def test_source_errors_are_one_line(project, capsys, tmp_path):

@@ -269,3 +269,18 @@ def test_finetune_stage_drops_curves_of_runs_no_longer_configured(tmp_path):
     _drop_stale_curves(tmp_path, {"pretrained-fold1", "random_init-fold1"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "pretrained-fold1", "random_init-fold1"]
     _drop_stale_curves(tmp_path / "absent", set())  # no curves yet: nothing to do
+
+
+def test_embedding_shows_progress_only_when_named(capsys):
+    from ajepa.downstream.linear import embed, fbank_embeddings
+    from ajepa.models import SpectrogramEncoder
+    x = torch.randn(10, 16, 16)
+    task = Task("t", "splits", ["a", "b"], x, torch.zeros(10, dtype=torch.long), pd.DataFrame(), [], None)
+    assert fbank_embeddings(task, batch_size=4).shape == (10, 16)
+    assert capsys.readouterr().err == ""  # the pretraining learning curve embeds quietly
+    fbank_embeddings(task, batch_size=4, desc="fbank synth")
+    assert "fbank synth" in capsys.readouterr().err
+    encoder = SpectrogramEncoder((2, 2), 8, 16, 1, 2)
+    assert embed(encoder, task, 4, torch.device("cpu"), desc="embed context").shape[0] == 10
+    err = capsys.readouterr().err
+    assert "embed context" in err and "10/10" in err

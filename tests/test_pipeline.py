@@ -169,7 +169,8 @@ def test_snakemake_produces_the_same_outputs_as_dvc(dvc_copy, snakemake_copy):
     assert files == _output_files(smk_root)
     assert {"models/pretrain/context_encoder.safetensors", "models/pretrain/target_encoder.safetensors",
             "results/report.md", "results/summary.json", "results/finetune/synth/predictions.csv",
-            "results/finetune/words/predictions.csv", "data/features/words/index.csv", "data/pool/words.json",
+            "results/finetune/words/predictions.csv", "results/finetune/synth/confusion.csv",
+            "results/finetune/words/per_class_ap.csv", "data/features/words/index.csv", "data/pool/words.json",
             "results/plots/learning_curve.png"} <= files
     for name in sorted(files):
         a, b = _comparable(dvc_root / name), _comparable(smk_root / name)

@@ -55,9 +55,11 @@ def test_snakemake_refuses_parameters_that_params_yaml_does_not_hold(tmp_path):
     assert r.returncode != 0 and "changes parameters that every `ajepa` command reads from params.yaml" in r.stdout + r.stderr
 
 
-# Modules that decide how parameters are read, where and how files are written and how progress
-# is shown, not what a stage computes: depending on them would rerun the whole pipeline on any edit.
-INFRASTRUCTURE = {"ajepa/config.py", "ajepa/errors.py", "ajepa/atomic.py", "ajepa/paths.py", "ajepa/progress.py"}
+# Modules that decide how parameters are read, where and how files are written, how progress is
+# shown and how many cores run it, not what a stage computes: depending on them would rerun the
+# whole pipeline on any edit.
+INFRASTRUCTURE = {"ajepa/config.py", "ajepa/errors.py", "ajepa/atomic.py", "ajepa/paths.py", "ajepa/progress.py",
+                  "ajepa/cpus.py"}
 
 
 # Imported but not run by the stage: the feature store imports manifest.STATS_SPLITS for extraction

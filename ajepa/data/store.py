@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from ajepa.atomic import atomic_path, free_space, write_csv
+from ajepa.cpus import available_cpus
 from ajepa.data.frontend import FrontEnd, UnreadableAudio, normalize, pad_or_crop
 from ajepa.datasets.manifest import STATS_SPLITS
 from ajepa.errors import AjepaError
@@ -181,7 +182,7 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         tasks = _plan(manifest, tmp, shard_clips, target_length, frontend.num_mel_bins)
-        per_clip = _run(tasks, frontend, num_workers or os.cpu_count() or 1,
+        per_clip = _run(tasks, frontend, num_workers or available_cpus(),
                         progress_bar(n, f"features {out_dir.name}", "clip", enabled=progress), out_dir)
         reasons = np.array([r[0] for r in per_clip], dtype=object)
         ok = reasons == ""

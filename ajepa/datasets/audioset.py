@@ -31,6 +31,7 @@ import pandas as pd
 from ajepa.datasets.manifest import LABEL_SEPARATOR, MISSING_COLUMNS, Built
 from ajepa.datasets.sources import Located, listing_fingerprint
 from ajepa.errors import AjepaError, ConfigError
+from ajepa.progress import progress
 
 CLASS_LABELS = "class_labels_indices.csv"
 EVAL = "eval_segments.csv"
@@ -100,26 +101,28 @@ def index_audio(audio_dir: Path, wanted: set[str]) -> tuple[dict[str, Path], dic
     unreadable: dict[str, Path] = {}
     duplicates: list[str] = []
     rank = {ext: i for i, ext in enumerate(READABLE)}
-    for folder, dirs, files in os.walk(audio_dir, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            stem, ext = os.path.splitext(name)
-            ext = ext.lower()
-            if ext not in rank and ext not in UNREADABLE:
-                continue
-            ytid = ytid_of(stem, wanted)
-            if ytid is None:
-                continue
-            path = Path(folder) / name
-            if ext in UNREADABLE:
-                unreadable.setdefault(ytid, path)
-                continue
-            if ytid in found:
-                keep, drop = sorted((found[ytid], path), key=lambda p: rank[p.suffix.lower()])
-                found[ytid] = keep
-                duplicates.append(str(drop))
-            else:
-                found[ytid] = path
+    with progress(None, f"index {audio_dir}", "file") as bar:
+        for folder, dirs, files in os.walk(audio_dir, followlinks=True):
+            dirs.sort()
+            bar.update(len(files))
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                ext = ext.lower()
+                if ext not in rank and ext not in UNREADABLE:
+                    continue
+                ytid = ytid_of(stem, wanted)
+                if ytid is None:
+                    continue
+                path = Path(folder) / name
+                if ext in UNREADABLE:
+                    unreadable.setdefault(ytid, path)
+                    continue
+                if ytid in found:
+                    keep, drop = sorted((found[ytid], path), key=lambda p: rank[p.suffix.lower()])
+                    found[ytid] = keep
+                    duplicates.append(str(drop))
+                else:
+                    found[ytid] = path
     return found, unreadable, duplicates
 
 

@@ -31,6 +31,7 @@ import soundfile as sf
 from ajepa.atomic import write_csv, write_json
 from ajepa.datasets.archive import escapes
 from ajepa.errors import AjepaError
+from ajepa.progress import progress
 
 COLUMNS = ["clip_id", "path", "labels", "fold", "split", "duration_s", "sample_rate"]
 MISSING_COLUMNS = ["clip_id", "split", "listed_in", "reason"]
@@ -128,8 +129,13 @@ def listed_paths(folder: Path, names: pd.Series, listing: Path) -> list[str]:
     return [str(folder / f) for f in names]
 
 
-def add_audio_info(rows: pd.DataFrame) -> pd.DataFrame:
-    info = [audio_info(Path(p)) for p in rows["path"]]
+def add_audio_info(rows: pd.DataFrame, desc: str = "read headers") -> pd.DataFrame:
+    """The rows with each file's duration and sample rate (a header read per clip: minutes for AudioSet)."""
+    info = []
+    with progress(len(rows), desc, "clip") as bar:
+        for path in rows["path"]:
+            info.append(audio_info(Path(path)))
+            bar.update()
     rows = rows.copy()
     rows["duration_s"] = [round(d, 6) for d, _ in info]
     rows["sample_rate"] = [sr for _, sr in info]

@@ -75,8 +75,7 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
             raise AjepaError(f"source {source}: {info.name} is distributed as several files "
                              f"({', '.join(info.file_names)}); give a directory holding them (or their extracted copies)")
         (part,), f = info.parts, info.parts[0].files[0]
-        located.records.append(_check_local(f, src, expected_checksum(f, checksums), expected_size(f, checksums),
-                                            show_progress))
+        located.records.append(_check_local(info.name, f, src, checksums, show_progress))
         _install(info, part, [src], workdir, located, show_progress)
         return located
 
@@ -96,13 +95,11 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
     for part, files, root in plan:
         if files is not None:
             for f, path in files:
-                located.records.append(_check_local(f, path, expected_checksum(f, checksums) if f else None,
-                                                    expected_size(f, checksums) if f else None, show_progress))
+                located.records.append(_check_local(info.name, f, path, checksums, show_progress))
             _install(info, part, [p for _, p in files], workdir, located, show_progress)
         elif part.kind == "file":
             f = part.files[0]
-            located.records.append(_check_local(f, root / part.marker, expected_checksum(f, checksums),
-                                                expected_size(f, checksums), show_progress))
+            located.records.append(_check_local(info.name, f, root / part.marker, checksums, show_progress))
             _install(info, part, [root / part.marker], workdir, located, show_progress)
         else:
             located.roots[part.name] = root
@@ -189,12 +186,20 @@ def _install(info: DatasetInfo, part: Part, files: list[Path], workdir: Path, lo
     located.roots[part.name] = root
 
 
-def _check_local(file: RemoteFile | None, path: Path, checksum: Checksum | None, size: int | None,
+def _check_local(dataset: str, file: RemoteFile | None, path: Path, checksums: dict[str, str],
                  show_progress: bool) -> dict:
+    """Verify a user's file against the published (or configured) size and checksum; a file without
+    a registry entry (the joined pieces) is only hashed."""
+    checksum = expected_checksum(file, checksums) if file else None
     try:
-        digests = verify(path, size, checksum, show_progress)
+        digests = verify(path, expected_size(file, checksums) if file else None, checksum, show_progress)
     except ChecksumMismatch as e:
-        raise ChecksumMismatch(f"{e} (the file is left as it is)") from None
+        key = f"datasets.{dataset}.prepare.checksums"
+        fix = (f"correct or remove its entry in {key}" if file.name in checksums else
+               f"to use this copy anyway (a re-packed archive, say), set {key} to "
+               f"{{{file.name}: 'sha256:<its sha256sum>'}} in params.yaml")
+        raise ChecksumMismatch(f"{e} (the file is left as it is): not the file the checksum describes; {fix}, "
+                               f"or pass the extracted folder to --source (used in place, not verified)") from None
     return _record(file, str(path), path, digests, checksum)
 
 

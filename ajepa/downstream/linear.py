@@ -31,6 +31,7 @@ from ajepa.downstream import metrics
 from ajepa.downstream.common import summarize
 from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.models import SpectrogramEncoder, pool_tokens
+from ajepa.progress import progress
 
 __all__ = ["embed", "embed_tokens", "fbank_embeddings", "cached_embeddings", "fit_logistic", "fit_probe", "fit_attentive",
            "AttentiveProbe", "evaluate_embeddings", "evaluate_tokens", "validation_probe"]
@@ -38,24 +39,30 @@ __all__ = ["embed", "embed_tokens", "fbank_embeddings", "cached_embeddings", "fi
 
 @torch.no_grad()
 def embed(encoder: SpectrogramEncoder, task: Task, batch_size: int, device: torch.device, pooling: str = "time",
-          positions: np.ndarray | None = None) -> np.ndarray:
+          positions: np.ndarray | None = None, desc: str | None = None) -> np.ndarray:
     """The encoder's final (layer-normed) tokens of every clip (or of `positions`), pooled
-    (ajepa.models.pool_tokens): [N, n_freq * D] for "time", [N, D] for "all"; float32."""
+    (ajepa.models.pool_tokens): [N, n_freq * D] for "time", [N, D] for "all"; float32. A progress bar
+    named `desc` when one is given."""
     was_training = encoder.training
     encoder = encoder.to(device).eval()
     positions = np.arange(len(task.y)) if positions is None else np.asarray(positions)
     out = []
-    for start in range(0, len(positions), batch_size):
-        x = task.clips(positions[start:start + batch_size]).to(device)
-        out.append(pool_tokens(encoder(x), encoder.grid, pooling).float().cpu())
+    with progress(len(positions), desc or "", "clip", enabled=desc is not None) as bar:
+        for start in range(0, len(positions), batch_size):
+            x = task.clips(positions[start:start + batch_size]).to(device)
+            out.append(pool_tokens(encoder(x), encoder.grid, pooling).float().cpu())
+            bar.update(len(x))
     encoder.train(was_training)
     return torch.cat(out).numpy()
 
 
-def fbank_embeddings(task: Task, batch_size: int = 256) -> np.ndarray:
+def fbank_embeddings(task: Task, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
     """The spectrogram baseline: normalised log-mel fbank averaged over time, [N, mel bins]."""
-    out = [task.clips(range(s, min(s + batch_size, len(task.y)))).mean(dim=1)
-           for s in range(0, len(task.y), batch_size)]
+    out = []
+    with progress(len(task.y), desc or "", "clip", enabled=desc is not None) as bar:
+        for s in range(0, len(task.y), batch_size):
+            out.append(task.clips(range(s, min(s + batch_size, len(task.y)))).mean(dim=1))
+            bar.update(len(out[-1]))
     return torch.cat(out).numpy()
 
 
@@ -228,9 +235,13 @@ def validation_probe(encoder: SpectrogramEncoder, task: Task, l2: list[float], d
 
 
 @torch.no_grad()
-def embed_tokens(encoder: SpectrogramEncoder, task: Task, batch_size: int, device: torch.device) -> np.ndarray:
+def embed_tokens(encoder: SpectrogramEncoder, task: Task, batch_size: int, device: torch.device,
+                 desc: str | None = None) -> np.ndarray:
     """Every clip's output tokens [N, patches, D] as float16 (the attentive probe's input)."""
     encoder = encoder.to(device).eval()
-    out = [encoder(task.clips(range(s, min(s + batch_size, len(task.y)))).to(device)).half().cpu()
-           for s in range(0, len(task.y), batch_size)]
+    out = []
+    with progress(len(task.y), desc or "", "clip", enabled=desc is not None) as bar:
+        for s in range(0, len(task.y), batch_size):
+            out.append(encoder(task.clips(range(s, min(s + batch_size, len(task.y)))).to(device)).half().cpu())
+            bar.update(len(out[-1]))
     return torch.cat(out).numpy()

@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import asdict
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -71,25 +72,33 @@ def run(params: Params, benchmark: str) -> str:
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": m,
                                       "classes": len(task.classes), **rows})
     write_csv(out / "predictions.csv", _predictions(task, results))
-    _plot(task, results, out, benchmark)
+    for name, table in plot_tables(task, results["pretrained"]).items():
+        write_csv(out / name, table)
     lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(splits)} of {len(task.splits)} run(s) per init, "
              f"{len(task.classes)} classes"]
     lines += summary_lines(rows, m)
-    lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}")
+    lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}, confusion.csv and per_class_ap.csv")
     return "\n".join(lines)
 
 
-def _plot(task, results: dict[str, list], out, benchmark: str) -> None:
-    """The fine-tuned encoder's confusion matrix (or AP per class) over the test clips of every run."""
-    from ajepa.plots import plot_confusion, plot_per_class
+def plot_tables(task, records: list[dict]) -> dict[str, pd.DataFrame]:
+    """What `dvc plots` draws of the fine-tuned encoder, over the test clips of every run (dvc.yaml):
+    confusion.csv, one (actual, predicted) row per clip for DVC's confusion template, and
+    per_class_ap.csv, AP per class (mean over runs; classes without a test positive left out), best
+    first. A multi-label set has no confusion matrix and a single-label one is read by its confusion
+    matrix, so each benchmark leaves one of the two empty (header only), the same files for every item."""
+    pairs, ap = pd.DataFrame(columns=["actual", "predicted"]), pd.DataFrame(columns=["class", "ap"])
     if task.multi_label:
-        ap = [r["test"].get("per_class_ap") for r in results["pretrained"]]
-        plot_per_class(task.classes, ap, out / "plots" / "per_class_ap.png",
-                       title=f"{benchmark}: fine-tuned A-JEPA, average precision per class")
+        runs = np.array([[np.nan if v is None else v for v in r["test"]["per_class_ap"]] for r in records], float)
+        counts = np.isfinite(runs).sum(axis=0)
+        mean = np.where(counts > 0, np.nansum(runs, axis=0) / np.maximum(counts, 1), np.nan)
+        keep = [k for k in np.argsort(-np.nan_to_num(mean, nan=-1.0)) if np.isfinite(mean[k])]
+        ap = pd.DataFrame({"class": [task.classes[k] for k in keep], "ap": [round(float(mean[k]), 3) for k in keep]})
     else:
-        conf = sum(_confusion(task, r) for r in results["pretrained"])
-        plot_confusion(conf, task.classes, out / "plots" / "confusion.png",
-                       title=f"{benchmark}: fine-tuned A-JEPA, test clips of every run")
+        pairs = pd.DataFrame([{"actual": task.classes[int(task.y[pos])], "predicted": task.classes[int(np.argmax(s))]}
+                              for r in records for pos, s in zip(r["test_positions"], r["test_scores"])],
+                             columns=["actual", "predicted"])
+    return {"confusion.csv": pairs, "per_class_ap.csv": ap}
 
 
 def _predictions(task, results: dict[str, list]) -> pd.DataFrame:
@@ -102,14 +111,6 @@ def _predictions(task, results: dict[str, list]) -> pd.DataFrame:
                              "labels": task.index["labels"].iloc[pos], "predicted": task.classes[top[0]],
                              "score": round(scores[top[0]], 5)})
     return pd.DataFrame(rows)
-
-
-def _confusion(task, record: dict):
-    import numpy as np
-    conf = np.zeros((len(task.classes), len(task.classes)), dtype=np.int64)
-    for pos, scores in zip(record["test_positions"], record["test_scores"]):
-        conf[int(task.y[pos]), int(np.argmax(scores))] += 1
-    return conf
 
 
 def _drop_stale_curves(live_root, names: set) -> None:

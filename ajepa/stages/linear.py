@@ -62,12 +62,15 @@ def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_toke
     """{"linear": ..., "attentive": ...} of one encoder (`label` names its weights for the cache)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    name = f"{task.name} {label.rsplit('-', 1)[0]}"  # the benchmark and the encoder, without its hash
+
     def pooled():
-        return cache.get(f"{label}-{cfg.pooling}",
-                         lambda: embed(make_encoder(), task, cfg.embed_batch_size, device, cfg.pooling))
+        return cache.get(f"{label}-{cfg.pooling}", lambda: embed(make_encoder(), task, cfg.embed_batch_size, device,
+                                                                 cfg.pooling, desc=f"embed {name}"))
 
     def tokens():
-        return cache.get(f"{label}-tokens", lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device))
+        return cache.get(f"{label}-tokens", lambda: embed_tokens(make_encoder(), task, cfg.embed_batch_size, device,
+                                                                 desc=f"tokens {name}"))
 
     out = {"linear": _timed(lambda: evaluate_embeddings(task, pooled(), cfg))}
     if with_tokens:
@@ -92,7 +95,8 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
     if "attentive" in r:
         rows["attentive_random_init"] = r["attentive"]
     rows["fbank_baseline"] = _timed(
-        lambda: evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task)), cfg))
+        lambda: evaluate_embeddings(task, cache.get("fbank", lambda: fbank_embeddings(task, desc=f"fbank {task.name}")),
+                                    cfg))
     return rows
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pandas as pd
 from ajepa import paths
 from ajepa.atomic import atomic_path, write_json
 from ajepa.config import AudioSetFetchConfig, Params
+from ajepa.cpus import available_cpus
 from ajepa.datasets import audioset, esc50, speech_commands, synth, voxceleb, words
 from ajepa.datasets.manifest import SPLITS, add_audio_info, esc50_layout, missing_path, unlabeled_rows, write_manifest
 from ajepa.datasets.registry import REGISTRY
@@ -47,7 +47,7 @@ def prepare_synth(params: Params) -> str:
     total = cfg.clips_per_class * len(synth.CLASSES) + cfg.pool_clips
     with atomic_path(root) as tmp, progress(total, "prepare synth", "clip") as bar:
         synth.generate(tmp, spec, cfg.clips_per_class, cfg.num_folds, cfg.pool_clips, progress=bar,
-                       workers=os.cpu_count() or 1)
+                       workers=available_cpus())
     labeled, classes = esc50_layout(root, meta_csv="meta/synth.csv")
     pool = unlabeled_rows(root, meta_csv="meta/pool.csv", audio_dir="pool")
     rows = add_audio_info(pd.concat([labeled, pool], ignore_index=True))
@@ -70,7 +70,7 @@ def prepare_words(params: Params) -> str:
     labeled = sum(cfg.speakers) * len(words.WORDS) * cfg.repetitions
     with atomic_path(root) as tmp, progress(labeled + cfg.pool_clips, "prepare words", "clip") as bar:
         words.generate(tmp, spec, tuple(cfg.speakers), cfg.repetitions, cfg.pool_clips, cfg.pool_speakers,
-                       progress=bar, workers=os.cpu_count() or 1)
+                       progress=bar, workers=available_cpus())
     built = speech_commands.build_spc2(Located(roots={"main": root / "audio"}), root)
     pool = unlabeled_rows(root, meta_csv="meta/pool.csv", audio_dir="pool")
     rows = add_audio_info(pd.concat([built.rows, pool], ignore_index=True))
@@ -109,7 +109,7 @@ def prepare_published(params: Params, dataset: str, source: str | None = None) -
         write_json(tmp / "source.json", origin)
         rows = built.rows.assign(path=[str(raw / Path(p).relative_to(tmp)) if Path(p).is_relative_to(tmp) else p
                                        for p in built.rows["path"]])
-    rows = add_audio_info(rows)
+    rows = add_audio_info(rows, f"headers {dataset}")
     counts = _compare_with_published(info.expected, rows, built)
     csv_path, _ = write_manifest(paths.manifest_dir(), dataset, rows, {
         "classes": built.classes, "protocol": info.protocol, "title": info.title, "licence": info.licence,

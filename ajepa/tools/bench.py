@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torchaudio
 
 from ajepa import masks
+from ajepa.cpus import available_cpus
 from ajepa.datasets import synth
 from ajepa.data.frontend import FrontEnd
 from ajepa.data.store import extract_features
@@ -55,7 +55,7 @@ def _reference(path: str, reps: int) -> float:
 
 
 def bench_features(clips: int, workers: int) -> dict:
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cpus()
     with tempfile.TemporaryDirectory(prefix="ajepa-bench-") as tmp:
         tmp = Path(tmp)
         manifest = _bench_clips(tmp, clips)

@@ -43,12 +43,13 @@ Study notes (2-core AMD EPYC Zen 4 VM, torch 2.14 CPU, MKL + libgomp, fp32, quie
 from __future__ import annotations
 
 import inspect
-import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
 
 import torch
+
+from ajepa.cpus import available_cpus
 
 __all__ = ["matmul_peak_flops", "encoder_forward_flops", "predictor_forward_flops", "ajepa_step_flops",
            "model_configs", "measure_step", "configure_cpu_threads", "cpu_busy_fraction"]
@@ -240,8 +241,8 @@ def measure_step(model, optimizer, batch_maker: Callable[[int], tuple], steps: i
 
 
 def configure_cpu_threads(num_threads: int | None = None) -> int:
-    """Set torch's intra-op thread count to one per core this process may run on (sched
-    affinity; `num_threads` overrides). Returns the count now in use.
+    """Set torch's intra-op thread count to one per core this process may run on (its affinity
+    and the SLURM allocation: ajepa.cpus; `num_threads` overrides). Returns the count now in use.
 
     Measured on the 2-core dev box (see the study notes in the module docstring): 2 threads
     are 1.7x faster than 1 on a quiet machine, but with ONE other busy process 2 threads are
@@ -249,10 +250,7 @@ def configure_cpu_threads(num_threads: int | None = None) -> int:
     pass num_threads=1, or export OMP_WAIT_POLICY=PASSIVE before torch is imported (recovers
     the 1-thread speed under contention, costs ~15% on a quiet machine)."""
     if num_threads is None:
-        try:
-            num_threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            num_threads = os.cpu_count() or 1
+        num_threads = available_cpus()
     torch.set_num_threads(max(1, int(num_threads)))
     return torch.get_num_threads()
 
