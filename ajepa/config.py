@@ -314,6 +314,7 @@ class FinetuneConfig:
     magnitude: bool  # waveform scaled by Beta(10, 10) + 0.5 (with roll: AudioMAE's roll_mag_aug)
     noise: bool  # AST's speech noise: uniform noise up to 0.1 and a shift of up to 10 frames
     loss: Literal["ce", "bce"]  # ce (single-label) | bce (multi-label, or mixup on single-label as AudioMAE)
+    label_smoothing: float  # ce targets (1 - s) one-hot + s / classes (AudioMAE's ESC-50 script: 0.1); 0 disables
     balanced_sampling: bool  # draw clips by class-balanced weights (AudioMAE AS-2M; SUPERB keyword spotting)
     balanced_replacement: bool  # draw with replacement (SUPERB) or no clip twice per epoch (AudioMAE AS-2M)
     samples_per_epoch: int  # clips drawn per epoch; 0 = one pass over the training clips
@@ -328,7 +329,7 @@ class FinetuneConfig:
                 _bad(f"{key}.{name}", getattr(self, name), "must be >= 0")
         if not 0.0 < self.layer_decay <= 1.0:
             _bad(key + ".layer_decay", self.layer_decay, "must be in (0, 1] (1 = no decay)")
-        for name in ("drop_path", "key_mask_ratio"):
+        for name in ("drop_path", "key_mask_ratio", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 _bad(f"{key}.{name}", getattr(self, name), "must be in [0, 1)")
         if self.mixup > 1.0:

@@ -233,6 +233,21 @@ def test_pretraining_loader_augments_and_resumes_to_the_same_clips(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(batches(aug, start=2), augmented[2:]))  # resumed: same clips
 
 
+def test_label_smoothing_is_timms_label_smoothing_cross_entropy():
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    x, y = _batch(n=16)
+    _, targets = finetune.augment(x, y, _recipe(label_smoothing=0.1, loss="ce"), MEAN, STD,
+                                  torch.Generator().manual_seed(12), _partners())
+    assert torch.allclose(targets, y * 0.9 + 0.1 / 4)
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(13))
+    assert torch.allclose(torch.nn.functional.cross_entropy(logits, targets),
+                          LabelSmoothingCrossEntropy(0.1)(logits, y.argmax(1)), atol=1e-6)
+    _, bce = finetune.augment(x, y, _recipe(label_smoothing=0.1, loss="bce"), MEAN, STD,
+                              torch.Generator().manual_seed(12), _partners())
+    assert torch.equal(bce, y)  # AudioMAE's BCE recipes do not smooth
+
+
 # ------------------------------------------------------------------------------------------------
 # class-balanced sampling
 
@@ -286,7 +301,7 @@ def test_every_fine_tuning_lr_is_audiomae_blr_times_batch_over_256():
 def test_published_recipes_turn_on_what_audiomae_uses():
     r = {name: PARAMS.recipe(name) for name in AUDIOMAE_BLR}
     assert all(r[n].mixup == 0.5 and r[n].mixup_alpha == 10.0 for n in ("spc2", "spc1", "as20k", "as2m"))
-    assert r["esc50"].mixup == r["vox1"].mixup == 0.0
+    assert r["esc50"].mixup == r["vox1"].mixup == 0.0 and r["esc50"].label_smoothing == 0.1
     assert all(r[n].roll and r[n].magnitude for n in ("as20k", "as2m"))  # roll_mag_aug
     assert all(r[n].noise for n in ("spc2", "spc1", "vox1")) and not any(r[n].noise for n in ("esc50", "as20k", "as2m"))
     assert r["spc1"].balanced_sampling and r["spc1"].balanced_replacement
@@ -296,7 +311,8 @@ def test_published_recipes_turn_on_what_audiomae_uses():
 def test_embedded_default_keeps_every_new_augmentation_off():
     for name in ("synth", "words"):
         r = PARAMS.recipe(name)
-        assert (r.mixup, r.roll, r.magnitude, r.noise, r.balanced_sampling) == (0.0, False, False, False, False)
+        assert (r.mixup, r.roll, r.magnitude, r.noise, r.balanced_sampling, r.label_smoothing) == \
+            (0.0, False, False, False, False, 0.0)
     assert not PARAMS.pretrain.augment.roll and not PARAMS.pretrain.augment.magnitude
 
 

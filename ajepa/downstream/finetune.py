@@ -115,7 +115,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, mean: float, 
     """AudioMAE's training augmentation of a CPU batch of normalised log-mels x [B, T, F] with float
     targets y [B, C], in its order (ajepa.data.augment): roll and magnitude, mixup (each clip with
     probability cfg.mixup, its partner from `partners(n) -> (x2, y2)`, n random training clips, rolled
-    and scaled alike), SpecAugment (masks filled with log-mel 0, as AudioMAE fills them), noise."""
+    and scaled alike), SpecAugment (masks filled with log-mel 0, as AudioMAE fills them), noise; then
+    label smoothing of CE targets."""
     x = _roll_magnitude(x, cfg, std, g)
     if cfg.mixup > 0:
         mixed, lam = mixup_draws(len(x), cfg.mixup, cfg.mixup_alpha, g)
@@ -129,6 +130,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, mean: float, 
         x = spec_augment(x, cfg.specaug_time, cfg.specaug_freq, (0.0 - mean) / (2.0 * std), g)
     if cfg.noise:
         x = add_noise(x, g)
+    if cfg.label_smoothing and cfg.loss == "ce":  # timm's LabelSmoothingCrossEntropy is CE on these targets
+        y = y * (1.0 - cfg.label_smoothing) + cfg.label_smoothing / y.shape[1]
     return x, y
 
 
