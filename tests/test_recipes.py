@@ -205,7 +205,7 @@ def test_pretraining_clip_augment_is_a_seeded_roll_and_level_shift():
 def test_pretraining_loader_augments_and_resumes_to_the_same_clips(tmp_path):
     from ajepa.data.frontend import FrontEnd
     from ajepa.data.loader import pretrain_augment, pretrain_loader
-    from ajepa.data.store import FeatureStore, extract_features
+    from ajepa.data.store import FeatureStore, StoreUnion, extract_features
     from ajepa.datasets import synth
     from ajepa.datasets.manifest import unlabeled_rows
     from ajepa.masks import MaskGenerator
@@ -231,6 +231,8 @@ def test_pretraining_loader_augments_and_resumes_to_the_same_clips(tmp_path):
         assert any(torch.allclose(torch.roll(a, k, 0) + (b - torch.roll(a, k, 0)).mean(), b, atol=1e-4)
                    for k in range(a.shape[0]))
     assert all(torch.equal(p, q) for p, q in zip(batches(aug, start=2), augmented[2:]))  # resumed: same clips
+    pooled = pretrain_augment(StoreUnion([store, store]), True, True, 0)  # each store keeps its own std
+    assert pooled.stds == [store.std, store.std] and pooled.starts.tolist() == [0, len(store)]
 
 
 def test_label_smoothing_is_timms_label_smoothing_cross_entropy():
