@@ -220,8 +220,9 @@ def test_pretraining_loader_augments_and_resumes_to_the_same_clips(tmp_path):
     masks = MaskGenerator((3, 8), mode="block", seed=0, total_steps=4, min_keep=2)
     assert pretrain_augment(store, False, False, 0) is None
 
-    def batches(augment, start=0):
-        return [b.x for b in pretrain_loader(store, 4, masks, 0, start_step=start, total_steps=4, augment=augment)]
+    def batches(augment, start=0, workers=0):
+        return [b.x for b in pretrain_loader(store, 4, masks, 0, start_step=start, total_steps=4, augment=augment,
+                                             num_workers=workers)]
 
     plain = batches(None)
     aug = pretrain_augment(store, True, True, 0)
@@ -231,6 +232,7 @@ def test_pretraining_loader_augments_and_resumes_to_the_same_clips(tmp_path):
         assert any(torch.allclose(torch.roll(a, k, 0) + (b - torch.roll(a, k, 0)).mean(), b, atol=1e-4)
                    for k in range(a.shape[0]))
     assert all(torch.equal(p, q) for p, q in zip(batches(aug, start=2), augmented[2:]))  # resumed: same clips
+    assert all(torch.equal(p, q) for p, q in zip(batches(aug, workers=2), augmented))  # whatever the workers
     pooled = pretrain_augment(StoreUnion([store, store]), True, True, 0)  # each store keeps its own std
     assert pooled.stds == [store.std, store.std] and pooled.starts.tolist() == [0, len(store)]
 
