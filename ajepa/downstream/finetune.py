@@ -28,6 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ def spec_augment(x: torch.Tensor, max_time: int, max_freq: int, fill: float, g: 
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, mean: float, std: float, g: torch.Generator,
-            partners=None) -> tuple[torch.Tensor, torch.Tensor]:
+            partners: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """AudioMAE's training augmentation of a CPU batch of normalised log-mels x [B, T, F] with float
     targets y [B, C], in its order (ajepa.data.augment): roll and magnitude, mixup (each clip with
     probability cfg.mixup, its partner from `partners(n) -> (x2, y2)`, n random training clips, rolled
@@ -127,7 +128,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, mean: float, 
             x[mixed] = power_mix(x[mixed], x2, lam[mixed], mean, std)
             y[mixed] = mix_targets(y[mixed], y2, lam[mixed])
     if cfg.specaug_time or cfg.specaug_freq:
-        x = spec_augment(x, cfg.specaug_time, cfg.specaug_freq, (0.0 - mean) / (2.0 * std), g)
+        x = spec_augment(x, cfg.specaug_time, cfg.specaug_freq, -mean / (2.0 * std), g)  # log-mel 0, normalised
     if cfg.noise:
         x = add_noise(x, g)
     if cfg.label_smoothing and cfg.loss == "ce":  # timm's LabelSmoothingCrossEntropy is CE on these targets
