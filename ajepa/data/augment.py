@@ -19,7 +19,8 @@ is restated as its effect on the normalised log-mel `z = (ln P - mean) / (2 std)
 
 The padded frames of a short clip (log-mel 0 in the cache) are shifted, scaled and mixed with it;
 AudioMAE pads after augmenting. For AudioSet (998 of 1,024 frames are audio) this is negligible.
-Every draw comes from the generator passed in, so a step's augmentation is a function of its seed.
+Every draw comes from the (CPU) generator passed in, so a step's augmentation is a function of its
+seed, on whatever device the batch is: the draws are small, and the batch need not leave the GPU.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def mixup_draws(n: int, prob: float, alpha: float, g: torch.Generator) -> tuple[
 
 def power_mix(z1: torch.Tensor, z2: torch.Tensor, lam: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Normalised log-mels [B, T, F] of lam w1 + (1 - lam) w2 (module docstring), lam [B] in (0, 1]."""
-    lam = lam.to(z1.dtype).view(-1, 1, 1)
+    lam = lam.to(z1.device, z1.dtype).view(-1, 1, 1)
     log1 = z1 * (2.0 * std) + mean + 2.0 * torch.log(lam)
     log2 = z2 * (2.0 * std) + mean + 2.0 * torch.log1p(-lam.clamp(max=1.0 - 1e-7))
     return (torch.logaddexp(log1, log2) - mean) / (2.0 * std)
@@ -60,7 +61,7 @@ def power_mix(z1: torch.Tensor, z2: torch.Tensor, lam: torch.Tensor, mean: float
 
 def mix_targets(y1: torch.Tensor, y2: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """AST's targets: lam on the first clip's labels, 1 - lam on the second's [B, C]."""
-    lam = lam.to(y1.dtype).view(-1, 1)
+    lam = lam.to(y1.device, y1.dtype).view(-1, 1)
     return lam * y1 + (1.0 - lam) * y2
 
 
@@ -69,13 +70,13 @@ def roll_time(z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     B, T = z.shape[:2]
     shifts = torch.randint(0, T, (B,), generator=g)
     idx = (torch.arange(T)[None] - shifts[:, None]) % T
-    return torch.gather(z, 1, idx[:, :, None].expand_as(z))
+    return torch.gather(z, 1, idx.to(z.device)[:, :, None].expand_as(z))
 
 
 def scale_magnitude(z: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
     """Each clip's waveform scaled by m ~ Beta(10, 10) + 0.5, as a shift of ln(m) / std of z [B, T, F]."""
     m = beta_draws(len(z), MIX_ALPHA, g) + 0.5
-    return z + (torch.log(m) / std).to(z.dtype).view(-1, 1, 1)
+    return z + (torch.log(m) / std).to(z.device, z.dtype).view(-1, 1, 1)
 
 
 def add_noise(z: torch.Tensor, g: torch.Generator, max_shift: int = 10) -> torch.Tensor:
@@ -83,10 +84,10 @@ def add_noise(z: torch.Tensor, g: torch.Generator, max_shift: int = 10) -> torch
     bin, then a circular time shift of U{-max_shift, ..., max_shift - 1} frames."""
     B, T = z.shape[:2]
     level = torch.rand(B, 1, 1, generator=g) / 10.0
-    z = z + torch.rand(z.shape, generator=g) * level
+    z = z + (torch.rand(z.shape, generator=g) * level).to(z.device, z.dtype)
     shifts = torch.randint(-max_shift, max_shift, (B,), generator=g)
     idx = (torch.arange(T)[None] - shifts[:, None]) % T
-    return torch.gather(z, 1, idx[:, :, None].expand_as(z))
+    return torch.gather(z, 1, idx.to(z.device)[:, :, None].expand_as(z))
 
 
 class ClipAugment:

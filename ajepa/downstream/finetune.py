@@ -107,13 +107,14 @@ def spec_augment(x: torch.Tensor, max_time: int, max_freq: int, fill: float, g: 
         start = (torch.rand(B, generator=g) * (size - w + 1).float()).long().clamp(max=size - 1)
         pos = torch.arange(size)
         m = (pos[None] >= start[:, None]) & (pos[None] < (start + w)[:, None])  # [B, size]
+        m = m.to(x.device)
         x.masked_fill_(m[:, :, None] if axis == 1 else m[:, None, :], fill)
     return x
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, mean: float, std: float, g: torch.Generator,
             partners: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """AudioMAE's training augmentation of a CPU batch of normalised log-mels x [B, T, F] with float
+    """AudioMAE's training augmentation of a batch (on any device) of normalised log-mels x [B, T, F] with float
     targets y [B, C], in its order (ajepa.data.augment): roll and magnitude, mixup (each clip with
     probability cfg.mixup, its partner from `partners(n) -> (x2, y2)`, n random training clips, rolled
     and scaled alike), SpecAugment (masks filled with log-mel 0, as AudioMAE fills them), noise; then
@@ -123,10 +124,11 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, mean: float, 
         mixed, lam = mixup_draws(len(x), cfg.mixup, cfg.mixup_alpha, g)
         if mixed.any():
             x2, y2 = partners(int(mixed.sum()))
-            x2 = _roll_magnitude(x2, cfg, std, g)
+            x2 = _roll_magnitude(x2.to(x.device), cfg, std, g)
+            lam, rows = lam[mixed], mixed.to(x.device)
             x, y = x.clone(), y.clone()
-            x[mixed] = power_mix(x[mixed], x2, lam[mixed], mean, std)
-            y[mixed] = mix_targets(y[mixed], y2, lam[mixed])
+            x[rows] = power_mix(x[rows], x2, lam, mean, std)
+            y[rows] = mix_targets(y[rows], y2.to(y.device), lam)
     if cfg.specaug_time or cfg.specaug_freq:
         x = spec_augment(x, cfg.specaug_time, cfg.specaug_freq, -mean / (2.0 * std), g)  # log-mel 0, normalised
     if cfg.noise:
@@ -277,8 +279,9 @@ def train_epoch(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneC
     for b in range(run.steps_per_epoch):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch * run.steps_per_epoch + b)
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        x, y = augment(task.clips(idx), _one_hot(task.y[idx], len(task.classes)), cfg, mean, std, g,
-                       partners=lambda n: mixup_partners(task, split, n, g))
+        # augmented where the model runs: on a GPU, the CPU would otherwise hold back a large batch
+        x, y = augment(task.clips(idx).to(device), _one_hot(task.y[idx], len(task.classes)).to(device), cfg,
+                       mean, std, g, partners=lambda n: mixup_partners(task, split, n, g))
         losses.append(train_step(run, x.to(device), y.to(device), cfg, g, autocast))
         bar.update(1)
     return float(np.mean(losses))
