@@ -310,6 +310,8 @@ def test_published_recipes_turn_on_what_audiomae_uses():
     assert all(r[n].noise for n in ("spc2", "spc1", "vox1")) and not any(r[n].noise for n in ("esc50", "as20k", "as2m"))
     assert r["spc1"].balanced_sampling and r["spc1"].balanced_replacement
     assert r["as2m"].balanced_sampling and not r["as2m"].balanced_replacement and r["as2m"].samples_per_epoch == 200_000
+    # AudioMAE trains on every training clip of ESC-50 (4 folds) and AudioSet: no held-out clips there
+    assert [n for n in r if r[n].selection == "last"] == ["esc50", "as20k", "as2m"]
 
 
 def test_embedded_default_keeps_every_new_augmentation_off():
@@ -317,6 +319,7 @@ def test_embedded_default_keeps_every_new_augmentation_off():
         r = PARAMS.recipe(name)
         assert (r.mixup, r.roll, r.magnitude, r.noise, r.balanced_sampling, r.label_smoothing) == \
             (0.0, False, False, False, False, 0.0)
+        assert r.selection == "val"
     assert not PARAMS.pretrain.augment.roll and not PARAMS.pretrain.augment.magnitude
 
 
@@ -329,3 +332,39 @@ def test_mixup_must_be_a_probability():
     raw["finetune"]["spc2"]["mixup"] = 10.0
     with pytest.raises(ConfigError, match="finetune.spc2.mixup = 10.0: a probability"):
         parse_params(raw)
+
+
+# ------------------------------------------------------------------------------------------------
+# model selection
+
+
+def _band_task(n=48, classes=4):
+    """Clips whose class raises one mel band, 24 train / 12 val / 12 test, on a 1 x 8 patch grid."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, 16, 128, generator=g) * 0.5
+    for c in range(classes):
+        x[y == c, :, 32 * c:32 * c + 16] += 1.5
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 4))
+    index = pd.DataFrame({"clip_id": [f"c{i}" for i in range(n)], "split": split})
+    return Task("bands", "splits", [f"k{i}" for i in range(classes)], x, y, index, eval_splits(index, "splits"),
+                store=type("Stats", (), {"stats": {"mean": MEAN, "std": STD}})())
+
+
+@pytest.mark.parametrize("selection", ["val", "last"])
+def test_selection_last_trains_on_the_validation_clips_and_keeps_the_last_epoch(tmp_path, selection):
+    from ajepa.models import SpectrogramEncoder
+    from ajepa.train.checkpoint import load_checkpoint
+
+    task = _band_task()
+    cfg = _recipe(epochs=3, batch_size=4, warmup_epochs=0.0, head_init="zero", samples_per_epoch=0,
+                  selection=selection)
+    torch.manual_seed(0)
+    encoder = SpectrogramEncoder((1, 8), 16, 32, 1, 2)
+    r = finetune.finetune_run(task, task.splits[0], encoder, cfg, "run", torch.device("cpu"), tmp_path / "s.pt",
+                              "hash", enable_progress=False)
+    clips = 24 + (12 if selection == "last" else 0)  # the validation clips train too
+    assert load_checkpoint(tmp_path / "s.pt")["lr"]["step"] == 3 * (clips // 4)
+    if selection == "last":
+        assert r.best_epoch == 3
+    assert len(r.test_positions) == 12

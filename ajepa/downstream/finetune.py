@@ -26,7 +26,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -291,10 +291,13 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
                  device: torch.device, state_path: Path, run_hash: str, open_log=None,
                  enable_progress: bool = True) -> RunResult:
     """Fine-tune `encoder` on one split (resuming from `state_path` when it holds this run), keep the epoch
-    with the best validation score and score the test clips with it. `open_log(first_epoch)` returns a
+    with the best validation score (cfg.selection "last": train on the validation clips too and keep the
+    last epoch) and score the test clips with it. `open_log(first_epoch)` returns a
     log(epoch, metrics) for the per-epoch curves (epochs from 1)."""
     from ajepa.progress import progress
 
+    if cfg.selection == "last":  # AudioMAE's training clips: its 4 ESC-50 folds, all of AudioSet's training segments
+        split = replace(split, train=np.concatenate([split.train, split.val]))
     run = build(encoder, task, split, cfg, device)
     run.resume(state_path, run_hash)
     log = open_log(run.epoch + 1) if open_log else (lambda step, metrics: None)
@@ -310,7 +313,7 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
         run.epoch += 1
         run.history.append({"epoch": run.epoch, "train_loss": round(train_loss, 5), f"val_{task.metric}": round(val, 3),
                             "lr": lr_now})
-        if val > run.best_score:  # ties keep the earlier epoch
+        if val > run.best_score or cfg.selection == "last":  # ties keep the earlier epoch
             run.best_score, run.best_epoch = val, run.epoch
             run.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
         log(run.epoch, {"train/loss": run.history[-1]["train_loss"], f"val/{task.metric}": val, "train/lr": lr_now})
