@@ -212,7 +212,7 @@ class OptimConfig:
 
     epochs: int  # passes over the pretraining pool
     batch_size: int  # global batch, split evenly over torchrun processes
-    lr: float  # peak learning rate (absolute, after warmup)
+    lr: float  # peak learning rate, absolute (I-JEPA's convention: not scaled by batch / 256), after warmup
     final_lr: float  # learning rate at the end of the cosine
     warmup_epochs: float  # linear warmup from 0, in epochs
     weight_decay: list[float]  # [start, end], cosine (I-JEPA)
@@ -231,6 +231,14 @@ class OptimConfig:
             _bad(key + ".betas", self.betas, "must be two numbers in [0, 1)")
         if len(self.ema_momentum) != 2 or not all(0 <= m <= 1 for m in self.ema_momentum):
             _bad(key + ".ema_momentum", self.ema_momentum, "must be [start, end] in [0, 1]")
+
+
+@dataclass(frozen=True)
+class PretrainAugmentConfig:
+    """AudioMAE's pretraining augmentation (roll_mag_aug), on the cached log-mel (ajepa.data.augment)."""
+
+    roll: bool  # each clip shifted circularly along time by a uniform number of frames
+    magnitude: bool  # each clip's waveform scaled by Beta(10, 10) + 0.5 (a level shift of the log-mel)
 
 
 @dataclass(frozen=True)
@@ -258,6 +266,7 @@ class PretrainConfig:
     predictor: PredictorConfig
     masking: MaskingConfig
     optim: OptimConfig
+    augment: PretrainAugmentConfig
     loss: Literal["l2", "smooth_l1"]  # paper: mean L2; smooth-L1 as in the I-JEPA code
     target_layers: int  # targets: the mean of the last K blocks' normalised outputs (paper and I-JEPA: 1)
     sigreg: float  # weight of LeJEPA's SIGReg term on the context tokens (paper: 0, off)
@@ -288,7 +297,7 @@ class FinetuneConfig:
 
     epochs: int  # passes over the training clips (or samples_per_epoch draws)
     batch_size: int  # clips per step
-    lr: float  # peak lr (absolute; AudioMAE writes it as blr * batch / 256)
+    lr: float  # peak lr, absolute: AudioMAE's blr x batch / 256 already applied (docs/recipes.md)
     final_lr: float  # learning rate at the end of the cosine
     warmup_epochs: float  # linear warmup, in epochs
     weight_decay: float  # not on norms, biases, positional tables
@@ -299,11 +308,17 @@ class FinetuneConfig:
     key_mask_ratio: float  # regularized masking (paper 0.1); 0 disables
     specaug_time: int  # max frames of the one time mask per clip (AudioMAE timem); 0 disables
     specaug_freq: int  # max mel bins of the one frequency mask per clip (freqm); 0 disables
-    mixup: float  # Beta(a, a) mixup; 0 disables
+    mixup: float  # probability that a clip is mixed with a random training clip (AST/AudioMAE); 0 disables
+    mixup_alpha: float  # the mixing weight's Beta(a, a) (AST/AudioMAE: 10)
     roll: bool  # random circular shift along time
+    magnitude: bool  # waveform scaled by Beta(10, 10) + 0.5 (with roll: AudioMAE's roll_mag_aug)
+    noise: bool  # AST's speech noise: uniform noise up to 0.1 and a shift of up to 10 frames
     loss: Literal["ce", "bce"]  # ce (single-label) | bce (multi-label, or mixup on single-label as AudioMAE)
-    balanced_sampling: bool  # class-balanced clip weights (multi-label sets, AudioMAE)
+    label_smoothing: float  # ce targets (1 - s) one-hot + s / classes (AudioMAE's ESC-50 script: 0.1); 0 disables
+    balanced_sampling: bool  # draw clips by class-balanced weights (AudioMAE AS-2M; SUPERB keyword spotting)
+    balanced_replacement: bool  # draw with replacement (SUPERB) or no clip twice per epoch (AudioMAE AS-2M)
     samples_per_epoch: int  # clips drawn per epoch; 0 = one pass over the training clips
+    selection: Literal["val", "last"]  # val: the best epoch on the validation clips; last: they train too, last epoch
     random_init_baseline: bool  # also fine-tune the same architecture from random init
     runs: int  # the first `runs` runs of the protocol (folds); 0 = all of them
     seed: int  # head init, batch order, augmentation and the random-init baseline's weights
@@ -315,9 +330,13 @@ class FinetuneConfig:
                 _bad(f"{key}.{name}", getattr(self, name), "must be >= 0")
         if not 0.0 < self.layer_decay <= 1.0:
             _bad(key + ".layer_decay", self.layer_decay, "must be in (0, 1] (1 = no decay)")
-        for name in ("drop_path", "key_mask_ratio"):
+        for name in ("drop_path", "key_mask_ratio", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 _bad(f"{key}.{name}", getattr(self, name), "must be in [0, 1)")
+        if self.mixup > 1.0:
+            _bad(key + ".mixup", self.mixup, "a probability: must be in [0, 1] (the Beta parameter is mixup_alpha)")
+        if self.mixup_alpha <= 0:
+            _bad(key + ".mixup_alpha", self.mixup_alpha, "must be positive")
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ajepa.datasets.manifest import LABEL_SEPARATOR  # manifests join a clip's class names with it
-from ajepa.data.store import FeatureStore
+from ajepa.data.augment import ClipAugment
+from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.errors import AjepaError
 from ajepa.masks import MaskGenerator, Masks
 
-__all__ = ["SpectrogramDataset", "StepBatchSampler", "MaskCollator", "PretrainBatch", "pretrain_loader"]
+__all__ = ["SpectrogramDataset", "StepBatchSampler", "MaskCollator", "PretrainBatch", "pretrain_loader",
+           "pretrain_augment"]
 
 
 class SpectrogramDataset(Dataset):
@@ -172,14 +174,25 @@ class MaskCollator:
 
 
 class _StepItems(Dataset):
-    """Maps the key ``(step, i)`` to ``(step, dataset[i])`` so the step reaches the collate function."""
+    """Maps the key ``(step, i)`` to ``(step, dataset[i])`` so the step reaches the collate function,
+    the clip augmented by ``augment(x, step, i)`` when one is given."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, augment: ClipAugment | None = None):
+        self.dataset, self.augment = dataset, augment
 
     def __getitem__(self, key: tuple[int, int]):
         step, i = key
-        return step, self.dataset[i]
+        x = self.dataset[i]
+        return step, (x if self.augment is None else self.augment(x, step, i))
+
+
+def pretrain_augment(store: FeatureStore | StoreUnion, roll: bool, magnitude: bool, seed: int) -> ClipAugment | None:
+    """AudioMAE's pretraining roll and magnitude jitter over `store` (None when both are off); the
+    magnitude shift of a clip uses its own store's std."""
+    if not (roll or magnitude):
+        return None
+    stores = store.stores if isinstance(store, StoreUnion) else [store]
+    return ClipAugment(roll, magnitude, seed, [s.std for s in stores], np.cumsum([0] + [len(s) for s in stores[:-1]]))
 
 
 class _StepKeys:
@@ -198,14 +211,16 @@ class _StepKeys:
 
 def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGenerator, seed: int,
                     start_step: int = 0, total_steps: int | None = None, num_workers: int = 0,
-                    rank: int = 0, world_size: int = 1, pin_memory: bool | None = None) -> DataLoader:
+                    rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
+                    augment: ClipAugment | None = None) -> DataLoader:
     """DataLoader of :class:`PretrainBatch` for steps ``start_step .. total_steps - 1`` (this rank's
     share of each global batch). Resume by passing the checkpoint's next step as `start_step`.
-    `pin_memory` defaults to whether CUDA is available."""
+    `pin_memory` defaults to whether CUDA is available; `augment` (see :func:`pretrain_augment`)
+    transforms each clip."""
     sampler = StepBatchSampler(len(store), batch_size, seed, start_step=start_step, total_steps=total_steps,
                                rank=rank, world_size=world_size, drop_last=True)
     return DataLoader(
-        _StepItems(SpectrogramDataset(store)),
+        _StepItems(SpectrogramDataset(store), augment),
         batch_sampler=_StepKeys(sampler),
         collate_fn=MaskCollator(mask_generator, rank, world_size),
         num_workers=num_workers,

@@ -3,12 +3,14 @@ with A-JEPA's regularized masking.
 
 One run trains on a protocol split's training clips, picks the epoch with the best validation
 score and scores the test clips once with that epoch's weights. Per step, in this order:
-  roll      a random circular shift along time (AudioMAE rolls the waveform; this is the same shift
-            on the spectrogram, which the features are cached as)
-  mixup     x = l x + (1 - l) x[flipped batch], targets mixed alike, l ~ Beta(a, a)
+  roll, magnitude   a circular time shift and a level change of each clip (AudioMAE's roll_mag_aug
+            on the waveform, restated on the cached log-mel: ajepa.data.augment)
+  mixup     each clip, with probability `mixup`, mixed with a random training clip in the power
+            domain (what mixing the waveforms gives), weight l ~ Beta(10, 10), targets l y1 + (1 - l) y2
   SpecAug   one time mask of width U[0, specaug_time) frames and one frequency mask of width
             U[0, specaug_freq) bins per clip (torchaudio's TimeMasking/FrequencyMasking draws),
             filled with what AudioMAE fills them with: log-mel 0 before normalisation
+  noise     AST's speech noise: uniform noise on the normalised bins and a shift of up to 10 frames
   regularized masking  in every block a fresh `key_mask_ratio` of the tokens may not be attended
             to (A-JEPA; ajepa.models.attention), training only
 Layer-wise lr decay (BEiT/AudioMAE): block l of L trains at lr * decay^(L + 1 - l), the patch
@@ -24,8 +26,9 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,12 +37,14 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ajepa.config import FinetuneConfig
+from ajepa.data.augment import add_noise, mix_targets, mixup_draws, power_mix, roll_time, scale_magnitude
 from ajepa.downstream.protocols import EvalSplit, Task
+from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder
 from ajepa.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
-__all__ = ["Classifier", "augment", "spec_augment", "finetune_run", "RunResult", "PROBE_L2"]
+__all__ = ["Classifier", "augment", "spec_augment", "mixup_partners", "finetune_run", "RunResult", "PROBE_L2"]
 
 PROBE_L2 = [0.1, 0.01, 0.001, 0.0001]  # LP-FT's probe: the strengths the linear probe tries by default
 
@@ -102,25 +107,43 @@ def spec_augment(x: torch.Tensor, max_time: int, max_freq: int, fill: float, g: 
         start = (torch.rand(B, generator=g) * (size - w + 1).float()).long().clamp(max=size - 1)
         pos = torch.arange(size)
         m = (pos[None] >= start[:, None]) & (pos[None] < (start + w)[:, None])  # [B, size]
+        m = m.to(x.device)
         x.masked_fill_(m[:, :, None] if axis == 1 else m[:, None, :], fill)
     return x
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, fill: float,
-            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """roll -> mixup -> SpecAugment on a CPU batch; y becomes a float target matrix [B, C]."""
-    if cfg.roll:
-        shifts = torch.randint(0, x.shape[1], (x.shape[0],), generator=g)
-        idx = (torch.arange(x.shape[1])[None] - shifts[:, None]) % x.shape[1]
-        x = torch.gather(x, 1, idx[:, :, None].expand_as(x))
+def augment(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, mean: float, std: float, g: torch.Generator,
+            partners: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """AudioMAE's training augmentation of a batch (on any device) of normalised log-mels x [B, T, F] with float
+    targets y [B, C], in its order (ajepa.data.augment): roll and magnitude, mixup (each clip with
+    probability cfg.mixup, its partner from `partners(n) -> (x2, y2)`, n random training clips, rolled
+    and scaled alike), SpecAugment (masks filled with log-mel 0, as AudioMAE fills them), noise; then
+    label smoothing of CE targets."""
+    x = _roll_magnitude(x, cfg, std, g)
     if cfg.mixup > 0:
-        seed = int(torch.randint(0, 2**31, (1,), generator=g))  # torch's Beta takes no generator
-        lam = float(np.random.default_rng(seed).beta(cfg.mixup, cfg.mixup))
-        x = lam * x + (1 - lam) * x.flip(0)
-        y = lam * y + (1 - lam) * y.flip(0)
+        mixed, lam = mixup_draws(len(x), cfg.mixup, cfg.mixup_alpha, g)
+        if mixed.any():
+            x2, y2 = partners(int(mixed.sum()))
+            x2 = _roll_magnitude(x2.to(x.device), cfg, std, g)
+            lam, rows = lam[mixed], mixed.to(x.device)
+            x, y = x.clone(), y.clone()
+            x[rows] = power_mix(x[rows], x2, lam, mean, std)
+            y[rows] = mix_targets(y[rows], y2.to(y.device), lam)
     if cfg.specaug_time or cfg.specaug_freq:
-        x = spec_augment(x, cfg.specaug_time, cfg.specaug_freq, fill, g)
+        x = spec_augment(x, cfg.specaug_time, cfg.specaug_freq, -mean / (2.0 * std), g)  # log-mel 0, normalised
+    if cfg.noise:
+        x = add_noise(x, g)
+    if cfg.label_smoothing and cfg.loss == "ce":  # timm's LabelSmoothingCrossEntropy is CE on these targets
+        y = y * (1.0 - cfg.label_smoothing) + cfg.label_smoothing / y.shape[1]
     return x, y
+
+
+def _roll_magnitude(x: torch.Tensor, cfg: FinetuneConfig, std: float, g: torch.Generator) -> torch.Tensor:
+    if cfg.roll:
+        x = roll_time(x, g)
+    if cfg.magnitude:
+        x = scale_magnitude(x, std, g)
+    return x
 
 
 @dataclass
@@ -164,10 +187,20 @@ def _epoch_order(task: Task, split: EvalSplit, cfg: FinetuneConfig, epoch: int) 
         y = _one_hot(task.y[split.train], len(task.classes))
         # AudioMAE's weights: a clip weighs the sum over its labels of 1 / (label frequency)
         w = (y / y.sum(0).clamp_min(1)).sum(1).clamp_min(1e-12)
-        return split.train[torch.multinomial(w, n, replacement=True, generator=g).numpy()]
+        if not cfg.balanced_replacement and n > len(w):
+            raise AjepaError(f"samples_per_epoch = {n} draws without replacement from {len(w)} training clips: "
+                             f"lower it, or set balanced_replacement: true")
+        return split.train[torch.multinomial(w, n, replacement=cfg.balanced_replacement, generator=g).numpy()]
     reps = math.ceil(n / len(split.train))
     order = torch.cat([torch.randperm(len(split.train), generator=g) for _ in range(reps)])[:n]
     return split.train[order.numpy()]
+
+
+def mixup_partners(task: Task, split: EvalSplit, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n clips drawn uniformly from the training clips with their float targets: AST/AudioMAE draw a
+    mixed clip's partner uniformly from the whole training set (not from the balanced draw)."""
+    idx = split.train[torch.randint(0, len(split.train), (n,), generator=g).numpy()]
+    return task.clips(idx), _one_hot(task.y[idx], len(task.classes))
 
 
 @dataclass
@@ -240,14 +273,15 @@ def train_epoch(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneC
     """One epoch of steps over the training clips (order and augmentation seeded by epoch and step);
     returns the mean training loss."""
     run.model.train()
-    stats = task.store.stats
-    fill = (0.0 - float(stats["mean"])) / (2.0 * float(stats["std"]))  # log-mel 0, normalised
+    mean, std = float(task.store.stats["mean"]), float(task.store.stats["std"])
     order = _epoch_order(task, split, cfg, run.epoch)
     losses = []
     for b in range(run.steps_per_epoch):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch * run.steps_per_epoch + b)
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        x, y = augment(task.clips(idx), _one_hot(task.y[idx], len(task.classes)), cfg, fill, g)
+        # augmented where the model runs: on a GPU, the CPU would otherwise hold back a large batch
+        x, y = augment(task.clips(idx).to(device), _one_hot(task.y[idx], len(task.classes)).to(device), cfg,
+                       mean, std, g, partners=lambda n: mixup_partners(task, split, n, g))
         losses.append(train_step(run, x.to(device), y.to(device), cfg, g, autocast))
         bar.update(1)
     return float(np.mean(losses))
@@ -257,10 +291,13 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
                  device: torch.device, state_path: Path, run_hash: str, open_log=None,
                  enable_progress: bool = True) -> RunResult:
     """Fine-tune `encoder` on one split (resuming from `state_path` when it holds this run), keep the epoch
-    with the best validation score and score the test clips with it. `open_log(first_epoch)` returns a
+    with the best validation score (cfg.selection "last": train on the validation clips too and keep the
+    last epoch) and score the test clips with it. `open_log(first_epoch)` returns a
     log(epoch, metrics) for the per-epoch curves (epochs from 1)."""
     from ajepa.progress import progress
 
+    if cfg.selection == "last":  # AudioMAE's training clips: its 4 ESC-50 folds, all of AudioSet's training segments
+        split = replace(split, train=np.concatenate([split.train, split.val]))
     run = build(encoder, task, split, cfg, device)
     run.resume(state_path, run_hash)
     log = open_log(run.epoch + 1) if open_log else (lambda step, metrics: None)
@@ -276,7 +313,7 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
         run.epoch += 1
         run.history.append({"epoch": run.epoch, "train_loss": round(train_loss, 5), f"val_{task.metric}": round(val, 3),
                             "lr": lr_now})
-        if val > run.best_score:  # ties keep the earlier epoch
+        if val > run.best_score or cfg.selection == "last":  # ties keep the earlier epoch
             run.best_score, run.best_epoch = val, run.epoch
             run.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
         log(run.epoch, {"train/loss": run.history[-1]["train_loss"], f"val/{task.metric}": val, "train/lr": lr_now})

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ajepa.config import PretrainConfig
-from ajepa.data.loader import pretrain_loader
+from ajepa.data.loader import pretrain_augment, pretrain_loader
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.errors import AjepaError
 from ajepa.masks import MaskGenerator
@@ -269,7 +269,8 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
     loader = pretrain_loader(store, cfg.optim.batch_size // dist.world_size,
                              build_mask_generator(cfg, grid, total_steps), cfg.seed, start_step=start_step,
                              total_steps=end_step, num_workers=cfg.num_workers, rank=dist.rank,
-                             world_size=dist.world_size)
+                             world_size=dist.world_size,
+                             augment=pretrain_augment(store, cfg.augment.roll, cfg.augment.magnitude, cfg.seed))
     train_model, autocast = _distributed(trainer.model, dist), autocast_for(dist.device)
     trainer.model.train()
     bar = progress(end_step - start_step, "pretrain", "step", enabled=enable_progress and dist.is_main)
