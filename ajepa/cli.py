@@ -9,6 +9,23 @@ import sys
 from ajepa.errors import AjepaError
 
 
+def _add_embed(sub) -> None:
+    s = sub.add_parser("embed", help="scene embeddings of audio files with an exported encoder (resumable)")
+    s.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
+                   help="audio files, and folders searched recursively for .wav .flac .ogg .mp3 .aif .aiff")
+    s.add_argument("--out", required=True, metavar="FILE.npz",
+                   help="embeddings and paths; FILE.csv (index) and FILE.rejects.csv (unreadable clips) beside it")
+    s.add_argument("--encoder", default="models/pretrain", metavar="PATH",
+                   help="an export folder, or a folder of them (default: models/pretrain)")
+    s.add_argument("--which", choices=["context", "target"], default=None,
+                   help="the encoder of a folder of exports (default: downstream.encoder of --params if that "
+                        "file exists, else context)")
+    s.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default 16)")
+    s.add_argument("--save-every", type=int, default=256, metavar="CLIPS",
+                   help="keep finished embeddings for a resume every this many clips (default 256)")
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ajepa",
@@ -46,20 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="preset name (smoke, paper) or path to a preset .yaml file")
     s.add_argument("--dry-run", action="store_true", help="list the changes without writing params.yaml")
 
-    s = sub.add_parser("embed", help="scene embeddings of audio files with an exported encoder (resumable)")
-    s.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
-                   help="audio files, and folders searched recursively for .wav .flac .ogg .mp3 .aif .aiff")
-    s.add_argument("--out", required=True, metavar="FILE.npz",
-                   help="embeddings and paths; FILE.csv (index) and FILE.rejects.csv (unreadable clips) beside it")
-    s.add_argument("--encoder", default="models/pretrain", metavar="PATH",
-                   help="an export folder, or a folder of them (default: models/pretrain)")
-    s.add_argument("--which", choices=["context", "target"], default=None,
-                   help="the encoder of a folder of exports (default: downstream.encoder of --params if that "
-                        "file exists, else context)")
-    s.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default 16)")
-    s.add_argument("--save-every", type=int, default=256, metavar="CLIPS",
-                   help="keep finished embeddings for a resume every this many clips (default 256)")
-    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    _add_embed(sub)
 
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
