@@ -102,9 +102,10 @@ class AudioEncoder(nn.Module):
         batched = isinstance(waveform, (list, tuple)) or np.ndim(waveform) == 2
         if not isinstance(waveform, (list, tuple)):
             waveform = torch.as_tensor(waveform)
-            if waveform.ndim not in (1, 2):
+            # soundfile's [n_samples, channels] would otherwise read as thousands of clips of 2 samples
+            if waveform.ndim not in (1, 2) or waveform.ndim == 2 and waveform.shape[1] <= 8 < waveform.shape[0]:
                 raise AjepaError(f"waveform must be [n_samples] or [n_clips, n_samples], got shape "
-                                 f"{tuple(waveform.shape)} (mix channels down first)")
+                                 f"{tuple(waveform.shape)} (mix channels down first, e.g. wav.mean(1))")
         if type(sample_rate) is not int and not isinstance(sample_rate, np.integer) or sample_rate <= 0:
             raise AjepaError(f"sample_rate must be a positive integer, got {sample_rate!r}")
         out = []

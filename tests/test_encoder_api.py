@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import soundfile as sf
 import torch
@@ -128,7 +127,7 @@ def test_load_encoder_options_and_errors(tiny_export, tmp_path):
     (broken / "config.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(AjepaError, match="not an ajepa encoder export"):
         ajepa.load_encoder(broken)
-    for bad in (np.zeros((2, 2, 100)), np.zeros(0), np.full(1000, np.nan)):
+    for bad in (np.zeros((2, 2, 100)), np.zeros((16000, 2)), np.zeros(0), np.full(1000, np.nan)):
         with pytest.raises(AjepaError):
             default.embed(bad, 16000)
     with pytest.raises(AjepaError, match="sample_rate"):
@@ -166,3 +165,17 @@ def test_an_export_loads_without_the_pipeline(tiny_export):
     r = subprocess.run([sys.executable, "-c", LIGHT, str(models)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split("\n")[:3] == [str((8 * 32,)), "[]", "dvc blocked"]
+
+
+def test_citation_names_the_paper_and_this_version():
+    import re
+
+    import yaml
+
+    from conftest import REPO
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert cff["version"] == version == ajepa.__version__
+    paper = cff["preferred-citation"]
+    assert [a["family-names"] for a in paper["authors"]] == ["Fei", "Fan", "Huang"]
+    assert paper["identifiers"][0]["value"] == "arXiv:2311.15830"
