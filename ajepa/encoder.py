@@ -176,6 +176,7 @@ class AudioEncoder(nn.Module):
         return (emb, ts) if batched else (emb[0], ts[0])
 
     def forward(self, waveform, sample_rate: int | None = None) -> torch.Tensor:
+        """The scene embedding (`embed`), audio at the front end's rate unless told otherwise."""
         return self.embed(waveform, self.sample_rate if sample_rate is None else sample_rate)
 
 

@@ -79,6 +79,8 @@ def read_export(path: str | os.PathLike, encoder: str | None = None) -> tuple[Pa
     if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
         raise AjepaError(f"{where / CONFIG}: not an ajepa encoder export (format "
                          f"{config.get('format') if isinstance(config, dict) else None!r}, expected {EXPORT_FORMAT!r})")
+    if encoder is not None and config.get("encoder") != encoder:
+        raise AjepaError(f"{where}: the {config.get('encoder')!r} encoder, not {encoder!r}")
     state, architecture = load_encoder_state(where / WEIGHTS)
     if architecture != config.get("architecture"):
         raise AjepaError(f"{where}: {WEIGHTS} and {CONFIG} describe different architectures")

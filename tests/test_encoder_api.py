@@ -118,6 +118,8 @@ def test_load_encoder_options_and_errors(tiny_export, tmp_path):
         ajepa.load_encoder(tmp_path)
     with pytest.raises(AjepaError, match="no 'predictor' encoder export"):
         ajepa.load_encoder(models, "predictor")
+    with pytest.raises(AjepaError, match="the 'context' encoder, not 'target'"):
+        ajepa.load_encoder(models / "context", "target")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes((models / "context" / "model.safetensors").read_bytes())

@@ -26,7 +26,7 @@ from ajepa.atomic import atomic_path, write_csv
 from ajepa.data.frontend import UnreadableAudio
 from ajepa.encoder import AudioEncoder, load_encoder
 from ajepa.errors import AjepaError
-from ajepa.export import CONFIG, find_export, weights_file
+from ajepa.export import CONFIG, weights_file
 from ajepa.progress import progress
 from ajepa.train.checkpoint import file_sha256
 
@@ -172,9 +172,9 @@ def run(args) -> str:
     which = _which(args)
     model = load_encoder(args.encoder, which, device=device)
     r = embed_files(model, files, out, args.batch_size, args.save_every)
-    source = find_export(args.encoder, which)
     lines = [f"embed: {r['clips']} of {len(files)} clips -> {out} ({model.embedding_size}-dim scene embeddings of "
-             f"{source}, on {device}; {r['reused']} kept from an earlier run), index {out.with_suffix('.csv')}"]
+             f"{model.config['source']}, on {device}; {r['reused']} kept from an earlier run), "
+             f"index {out.with_suffix('.csv')}"]
     if r["rejects"]:
         path, reason = r["rejects"][0]
         lines.append(f"  {len(r['rejects'])} unreadable, listed in {out.with_name(out.stem + '.rejects.csv')}; "
