@@ -119,9 +119,9 @@ def model_card(config: dict) -> str:
     datasets = ", ".join(n.get("datasets", {})) or "unknown"
     return f"""# A-JEPA {config['encoder']} encoder
 
-An audio encoder pretrained with A-JEPA (Fei et al., "A-JEPA: Joint-Embedding Predictive Architecture
-Can Listen", arXiv:2311.15830): {_ROLE.get(config['encoder'], config['encoder'])}. Exported by ajepa
-{config['ajepa_version']}.
+An audio encoder pretrained with A-JEPA (Fei, Fan and Huang, "A-JEPA: Joint-Embedding Predictive
+Architecture Can Listen", arXiv:2311.15830), exported by ajepa {config['ajepa_version']}.
+This is {_ROLE.get(config['encoder'], config['encoder'])}.
 
 - **Architecture**: ViT, {a['depth']} blocks of width {a['embed_dim']} ({a['num_heads']} heads), {a['patch_size']} x
   {a['patch_size']} patches on a {a['grid'][0]} x {a['grid'][1]} (time x frequency) grid: windows of
