@@ -1,4 +1,4 @@
-"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`, `preset` and `params-doc`. The only
+"""The `ajepa` command: one subcommand per pipeline stage, plus `embed`, `bench`, `preset` and `params-doc`. The only
 argument parser."""
 
 from __future__ import annotations
@@ -11,6 +11,23 @@ from ajepa.errors import AjepaError
 
 # what `pip install -e '.[pipeline]'` adds to the library: a stage that needs one names the remedy
 PIPELINE_MODULES = {"dvc", "dvclive", "snakemake", "matplotlib", "ruamel"}
+
+
+def _add_embed(sub) -> None:
+    s = sub.add_parser("embed", help="scene embeddings of audio files with an exported encoder (resumable)")
+    s.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
+                   help="audio files, and folders searched recursively for .wav .flac .ogg .mp3 .aif .aiff")
+    s.add_argument("--out", required=True, metavar="FILE.npz",
+                   help="embeddings and paths; FILE.csv (index) and FILE.rejects.csv (unreadable clips) beside it")
+    s.add_argument("--encoder", default="models/pretrain", metavar="PATH",
+                   help="an export folder, or a folder of them (default: models/pretrain)")
+    s.add_argument("--which", choices=["context", "target"], default=None,
+                   help="the encoder of a folder of exports (default: downstream.encoder of --params if that "
+                        "file exists, else context)")
+    s.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default 16)")
+    s.add_argument("--save-every", type=int, default=256, metavar="CLIPS",
+                   help="keep finished embeddings for a resume every this many clips (default 256)")
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="preset name (smoke, paper) or path to a preset .yaml file")
     s.add_argument("--dry-run", action="store_true", help="list the changes without writing params.yaml")
 
+    _add_embed(sub)
+
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
     s = sub.add_parser("bench", help="measure throughput of a stage")
@@ -85,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from ajepa.tools import presets
             changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
             print(presets.describe(args.name, args.params, changes, args.dry_run))
+            return 0
+        if args.command == "embed":
+            from ajepa.tools import embed  # --which may read --params itself
+            print(embed.run(args))
             return 0
         if args.command == "params-doc":
             from ajepa.tools import paramdoc

@@ -51,8 +51,9 @@ def pretrain_live_dir() -> Path:
 
 
 def pretrained_encoder(which: str) -> Path:
-    """What pretraining exports: the context encoder or the target (EMA) encoder."""
-    return pretrain_dir() / f"{which}_encoder.safetensors"
+    """What pretraining exports: the context encoder or the target (EMA) encoder, each a folder of
+    weights, config.json and model card (ajepa.export)."""
+    return pretrain_dir() / which
 
 
 def embeddings_dir(benchmark: str) -> Path:

@@ -87,3 +87,30 @@ def tree_digest(root: Path) -> str:
             h.update(p.relative_to(root).as_posix().encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A few pretraining steps on 24 one-second synthetic clips recorded at 32 kHz (features at 16 kHz
+    on a 6 x 8 patch grid), exported as `ajepa pretrain` exports them: (models/pretrain, feature store)."""
+    from ajepa.config import parse_params
+    from ajepa.data.frontend import FrontEnd
+    from ajepa.data.store import FeatureStore, extract_features
+    from ajepa.datasets import synth
+    from ajepa.datasets.manifest import unlabeled_rows
+    from ajepa.train.distributed import init_distributed
+    from ajepa.train.pretrain import PretrainPaths, pretrain
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    spec = synth.GeneratorSpec(seed=5, duration_s=1.0, sample_rate=32000, snr_db=(10.0, 30.0))
+    synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=24)
+    store = root / "data" / "features" / "synth"
+    extract_features(unlabeled_rows(root / "raw", "meta/pool.csv", "pool"), store, FrontEnd(), 96, 64, 1, 0.0,
+                     extra_stats={"grid": [6, 8], "patch_size": 16}, progress=False)
+    params = tiny_params()
+    params["pretrain"]["optim"]["epochs"] = 1
+    models = root / "models" / "pretrain"
+    pretrain(parse_params(params).pretrain, FeatureStore(store, ("pretrain",)),
+             PretrainPaths({"context": models / "context", "target": models / "target"}, root / "state",
+                           root / "metrics.json"), init_distributed(), enable_progress=False)
+    return models, store

@@ -8,7 +8,8 @@ import torch
 from ajepa import hear
 from ajepa.data.frontend import FrontEnd, normalize, pad_or_crop
 from ajepa.errors import AjepaError
-from ajepa.models import SpectrogramEncoder
+from ajepa.export import write_export
+from ajepa.models import SpectrogramEncoder, pool_tokens
 from ajepa.train.checkpoint import export_encoder
 
 SR = 16000
@@ -27,13 +28,19 @@ def model() -> hear.HearModel:
     return hear.load_model(encoder_config=TINY)
 
 
+FRONTEND = {"sample_rate": SR, "num_mel_bins": 128, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
+            "target_length": 64}
+STATS = {"mean": -6.6268077, "std": 5.358466}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny encoder with weights of its own, exported as pretraining does."""
+    """A tiny encoder with weights of its own, exported as pretraining does (a folder with its statistics)."""
     torch.manual_seed(123)
     encoder = SpectrogramEncoder(grid=tuple(TINY["grid"]), **{k: v for k, v in TINY.items() if k != "grid"})
-    path = tmp_path_factory.mktemp("export") / "encoder.safetensors"
-    export_encoder(path, encoder, TINY)
+    path = tmp_path_factory.mktemp("export") / "encoder"
+    write_export(path, encoder, {"encoder": "target", "architecture": TINY, "frontend": FRONTEND,
+                                 "normalisation": STATS})
     return path, encoder.eval()
 
 
@@ -68,11 +75,27 @@ def test_timestamp_embeddings_shapes_and_timestamps(model, n_samples):
         assert length_ms - 40 < ts.max()
 
 
-def test_scene_embeddings(model):
+def test_scene_embeddings_are_the_linear_probes(exported):
+    """The fbank cut into grid-length windows from frame 0, the last zero-padded; each window's tokens
+    pooled as the linear probe pools them (mean over time, frequency patches concatenated); the mean
+    over the windows. A trailing piece shorter than one patch is dropped, as the feature store crops it."""
+    path, encoder = exported
+    model = hear.load_model(str(path))
     audio = noise(2, int(1.5 * SR))
     scene = hear.get_scene_embeddings(audio, model)
     assert scene.shape == (2, model.scene_embedding_size) and scene.dtype == torch.float32
-    assert torch.allclose(scene, hear.get_timestamp_embeddings(audio, model)[0].mean(1))
+    for clip, emb in zip(audio, scene):
+        fbank = FrontEnd().fbank(clip[None])  # 148 frames: two windows of 64 and 20 frames of a third
+        frames = normalize(pad_or_crop(fbank, 3 * 64).half().float(), STATS["mean"], STATS["std"])
+        with torch.no_grad():
+            pooled = pool_tokens(encoder(frames.reshape(3, 64, 128)), encoder.grid, "time")
+        assert torch.allclose(emb, pooled.mean(0), atol=1e-5)
+    # 64 + 15 frames: the 15-frame remainder is dropped, so the clip is its first window
+    clip = noise(1, 15 * 160 + 64 * 160 + 240, seed=5)
+    window = normalize(FrontEnd().fbank(clip)[:64].half().float(), STATS["mean"], STATS["std"])
+    with torch.no_grad():
+        first = pool_tokens(encoder(window[None]), encoder.grid, "time")
+    assert torch.allclose(hear.get_scene_embeddings(clip, model), first, atol=1e-5)
     assert hear.get_scene_embeddings(noise(2, 50), model).shape == (2, model.scene_embedding_size)
 
 
@@ -155,7 +178,13 @@ def test_errors(tmp_path, exported):
     deeper = tmp_path / "deeper.safetensors"
     export_encoder(deeper, SpectrogramEncoder(grid=(4, 8), embed_dim=32, depth=1, num_heads=2), {**TINY, "depth": 2})
     with pytest.raises(AjepaError, match="do not fit"):
-        hear.load_model(str(deeper))
+        hear.load_model(str(deeper), **STATS)
+    # a weights file from before config.json: no silent fallback to someone else's statistics
+    legacy = tmp_path / "legacy.safetensors"
+    export_encoder(legacy, exported[1], TINY)
+    with pytest.raises(AjepaError, match="no normalisation statistics"):
+        hear.load_model(str(legacy))
+    assert hear.load_model(str(legacy), **STATS).mean == STATS["mean"]
     model = hear.load_model(str(path))
     with pytest.raises(AjepaError, match="n_sounds, n_samples"):
         hear.get_scene_embeddings(torch.zeros(16000), model)

@@ -167,7 +167,7 @@ def test_snakemake_produces_the_same_outputs_as_dvc(dvc_copy, snakemake_copy):
     dvc_root, smk_root = dvc_copy[0], snakemake_copy[0]
     files = _output_files(dvc_root)
     assert files == _output_files(smk_root)
-    assert {"models/pretrain/context_encoder.safetensors", "models/pretrain/target_encoder.safetensors",
+    assert {"models/pretrain/context/model.safetensors", "models/pretrain/target/config.json",
             "results/report.md", "results/summary.json", "results/finetune/synth/predictions.csv",
             "results/finetune/words/predictions.csv", "results/finetune/synth/confusion.csv",
             "results/finetune/words/per_class_ap.csv", "data/features/words/index.csv", "data/pool/words.json",

@@ -15,6 +15,7 @@ from ajepa.data.frontend import FrontEnd
 from ajepa.datasets.manifest import unlabeled_rows
 from ajepa.data.store import FeatureStore, extract_features
 from ajepa.errors import AjepaError
+from ajepa.export import read_export
 from ajepa.models import AJEPA
 from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
 from ajepa.train.distributed import init_distributed
@@ -43,8 +44,7 @@ def _params(**pretrain_overrides):
 
 
 def _paths(root):
-    return PretrainPaths(encoders={"context": root / "context_encoder.safetensors",
-                                   "target": root / "target_encoder.safetensors"},
+    return PretrainPaths(encoders={"context": root / "context", "target": root / "target"},
                          state=root / "state", metrics=root / "metrics.json")
 
 
@@ -66,10 +66,12 @@ def test_loss_decreases(store_dir, tmp_path):
     first, last = steps[:5], steps[-5:]
     assert sum(losses[s] for s in last) / 5 < 0.8 * sum(losses[s] for s in first) / 5
     # both encoders are exported; each loads into a plain encoder with its own config
-    state, config = load_encoder_state(tmp_path / "context_encoder.safetensors")
-    assert config["grid"] == [6, 8] and config["embed_dim"] == 32
-    target, target_config = load_encoder_state(tmp_path / "target_encoder.safetensors")
-    assert target_config == config and not all(torch.equal(state[k], target[k]) for k in state)
+    _, state, config = read_export(tmp_path / "context")
+    assert config["architecture"]["grid"] == [6, 8] and config["architecture"]["embed_dim"] == 32
+    assert config["encoder"] == "context"
+    _, target, target_config = read_export(tmp_path / "target")
+    assert target_config["architecture"] == config["architecture"] and target_config["encoder"] == "target"
+    assert not all(torch.equal(state[k], target[k]) for k in state)
     assert 0.0 < r.tf_fraction < 1.0  # the curriculum mixes both mask modes
     logged = pd.read_csv(tmp_path / "live/plots/metrics/train/loss.tsv", sep="\t")
     assert list(logged["step"]) == steps
@@ -101,15 +103,17 @@ def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
     cfg = _params().pretrain
     _, straight = _train(cfg, store_dir, tmp_path / "a")
     r1, part1 = _train(cfg, store_dir, tmp_path / "b", stop_after=5)
-    assert r1.steps == 5 and not (tmp_path / "b/context_encoder.safetensors").exists()
+    assert r1.steps == 5 and not (tmp_path / "b/context").exists()
     assert load_checkpoint(tmp_path / "b/state/checkpoint.pt")["step"] == 5
     r2, part2 = _train(cfg, store_dir, tmp_path / "b")
     assert r2.start_step == 5 and r2.steps == len(straight)
     assert {**part1, **part2} == straight  # bit-identical: same batches, masks, RNG and optimiser state
     for which in ("context", "target"):
-        a, _ = load_encoder_state(tmp_path / f"a/{which}_encoder.safetensors")
-        b, _ = load_encoder_state(tmp_path / f"b/{which}_encoder.safetensors")
+        a, _ = load_encoder_state(tmp_path / f"a/{which}/model.safetensors")
+        b, _ = load_encoder_state(tmp_path / f"b/{which}/model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+        for name in ("config.json", "README.md"):  # the export records the run, not when it was made
+            assert (tmp_path / f"a/{which}/{name}").read_bytes() == (tmp_path / f"b/{which}/{name}").read_bytes()
     logged = pd.read_csv(tmp_path / "b/live/plots/metrics/train/loss.tsv", sep="\t")
     assert list(logged["step"]) == sorted(straight)  # no duplicated rows after the resume
     # the clock covers the whole run: a rerun with nothing left to do reports the run's seconds and
@@ -180,7 +184,7 @@ def test_torchrun_two_processes_match_one(store_dir, tmp_path):
         r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         results[name] = (json.loads((root / "results/pretrain/metrics.json").read_text()),
-                         load_encoder_state(root / "models/pretrain/context_encoder.safetensors")[0])
+                         load_encoder_state(root / "models/pretrain/context/model.safetensors")[0])
     (m1, w1), (m2, w2) = results["single"], results["ddp"]
     assert m2["world_size"] == 2 and m1["world_size"] == 1 and m1["steps"] == m2["steps"] == 6
     assert math.isclose(m1["final_loss"], m2["final_loss"], rel_tol=1e-4)

@@ -36,6 +36,8 @@ from ajepa.progress import progress as progress_bar
 
 CHUNK_CLIPS = 32  # clips per worker task: small enough for a live progress bar, large enough to amortise IPC
 INDEX_COLUMNS = ["clip_id", "labels", "fold", "split", "shard", "row", "n_frames", "path"]
+# What a model trained on a store needs to see audio as it did (stats.json keys)
+FRONTEND_KEYS = ("sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "target_length")
 
 
 @dataclass
@@ -299,3 +301,25 @@ class StoreUnion:
 
     def fingerprint(self) -> list[dict]:
         return [s.fingerprint() for s in self.stores]
+
+
+def training_statistics(store: FeatureStore | StoreUnion) -> tuple[dict, dict]:
+    """(front end, normalisation) of the features a model was trained on: the front-end settings the
+    stores share, and the fbank mean and std over the statistics frames of every store with each
+    store's own pair. Each store was normalised with its own pair in training; the pooled pair is the
+    scale of a clip drawn from their mix, so it is what an encoder's users get (one store: its pair)."""
+    stores = store.stores if isinstance(store, StoreUnion) else [store]
+    frontends = [{k: s.stats[k] for k in FRONTEND_KEYS} for s in stores]
+    if any(f != frontends[0] for f in frontends):
+        shown = ", ".join(str(s.root) for s in stores)
+        raise AjepaError(f"stores {shown} differ in front-end settings {', '.join(FRONTEND_KEYS)}")
+    per = {s.root.name: {"mean": s.mean, "std": s.std, "values": int(s.stats["frames"])} for s in stores}
+    if len(stores) == 1:
+        mean, std = stores[0].mean, stores[0].std
+    else:
+        n = np.array([d["values"] for d in per.values()], dtype=np.float64)
+        m = np.array([d["mean"] for d in per.values()])
+        sd = np.array([d["std"] for d in per.values()])
+        mean = float((n * m).sum() / n.sum())
+        std = float(np.sqrt(max((n * (sd * sd + m * m)).sum() / n.sum() - mean * mean, 0.0)))
+    return frontends[0], {"mean": mean, "std": std, "values": sum(d["values"] for d in per.values()), "datasets": per}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,8 @@ import torch
 
 from ajepa.downstream.metrics import SECONDARY
 from ajepa.models import SpectrogramEncoder
-from ajepa.train.checkpoint import load_encoder_state
+from ajepa.export import read_export
+from ajepa.train.checkpoint import file_sha256
 
 __all__ = ["build_encoder", "file_sha256", "summarize", "summary_lines", "ENCODER_KEYS"]
 
@@ -19,27 +19,20 @@ ENCODER_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 def build_encoder(path: Path, grid: tuple[int, int], random_init: bool = False, seed: int = 0,
                   drop_path: float | None = None) -> SpectrogramEncoder:
-    """The pretrained encoder from `path` on this benchmark's grid, or (random_init) the same
-    architecture with fresh weights drawn from `seed`: the baseline that tells what pretraining adds.
+    """The pretrained encoder of the export folder `path` on this benchmark's grid, or (random_init) the
+    same architecture with fresh weights drawn from `seed`: the baseline that tells what pretraining adds.
 
     The position embedding is a fixed function of the grid (not stored), so an encoder pretrained on
     one clip length loads on another."""
-    state, config = load_encoder_state(path)
-    kwargs = {k: config[k] for k in ENCODER_KEYS}
-    kwargs["drop_path"] = config["drop_path"] if drop_path is None else drop_path
+    _, state, config = read_export(path)
+    arch = config["architecture"]
+    kwargs = {k: arch[k] for k in ENCODER_KEYS}
+    kwargs["drop_path"] = arch["drop_path"] if drop_path is None else drop_path
     torch.manual_seed(seed)
     encoder = SpectrogramEncoder(tuple(grid), **kwargs)
     if not random_init:
         encoder.load_state_dict(state)
     return encoder
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def summarize(runs: list[dict], metric: str) -> dict:

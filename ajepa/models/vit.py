@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Block
 from .attention import KeyMaskBlock
 
 __all__ = ["SIZES", "PREDICTOR_INITS", "POOLINGS", "resolve_size", "sincos_pos_embed_2d", "gather_tokens", "pool_tokens",
-           "init_vit_weights", "SpectrogramEncoder", "Predictor"]
+           "time_patch_embeddings", "init_vit_weights", "SpectrogramEncoder", "Predictor"]
 
 # ViT sizes (embed_dim, depth, num_heads) as in ViT/MAE/I-JEPA; A-JEPA's main model is "base".
 SIZES = {
@@ -76,14 +76,21 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 POOLINGS = ("time", "all")
 
 
+def time_patch_embeddings(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Encoder output [B, n_time * n_freq, D] (time-major) -> one embedding per time patch
+    [B, n_time, n_freq * D]: the patch's column of frequency tokens concatenated, low band first."""
+    B, _, D = tokens.shape
+    return tokens.reshape(B, grid[0], grid[1] * D)
+
+
 def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pooling: str) -> torch.Tensor:
-    """Encoder output [B, n_time * n_freq, D] (time-major) -> [B, n_freq * D] ("time") or [B, D] ("all")."""
+    """Encoder output [B, n_time * n_freq, D] (time-major) -> [B, n_freq * D] ("time": the mean of the
+    time-patch embeddings) or [B, D] ("all")."""
     if pooling == "all":
         return tokens.mean(dim=1)
     if pooling != "time":
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    B, _, D = tokens.shape
-    return tokens.reshape(B, grid[0], grid[1], D).mean(dim=1).reshape(B, grid[1] * D)
+    return time_patch_embeddings(tokens, grid).mean(dim=1)
 
 
 # How the predictor's Linear layers start: "trunc_normal" is I-JEPA's (init_vit_weights below);

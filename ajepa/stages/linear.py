@@ -25,7 +25,8 @@ from ajepa.downstream.linear import (cached_embeddings, embed, embed_tokens, eva
                                      fbank_embeddings)
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
-from ajepa.train.checkpoint import config_hash, load_encoder_state
+from ajepa.export import WEIGHTS, read_export
+from ajepa.train.checkpoint import config_hash
 
 ENCODERS = ("target", "context")
 
@@ -83,12 +84,12 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
     grid, attentive, rows = tuple(task.store.stats["grid"]), cfg.attentive.epochs > 0, {}
     for which in (chosen, *(e for e in ENCODERS if e != chosen)):
         path = encoder_paths[which]
-        r = _probe(task, cache, cfg, f"{which}-{file_sha256(path)[:12]}", lambda: build_encoder(path, grid),
+        r = _probe(task, cache, cfg, f"{which}-{file_sha256(path / WEIGHTS)[:12]}", lambda: build_encoder(path, grid),
                    attentive and which == chosen)
         rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
         if "attentive" in r:
             rows["attentive"] = r["attentive"]
-    arch = {k: v for k, v in load_encoder_state(encoder_paths[chosen])[1].items() if k != "grid"}
+    arch = {k: v for k, v in read_export(encoder_paths[chosen])[2]["architecture"].items() if k != "grid"}
     r = _probe(task, cache, cfg, f"random_init-{config_hash({'arch': arch, 'seed': cfg.seed})[:12]}",
                lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive)
     rows["linear_random_init"] = r["linear"]

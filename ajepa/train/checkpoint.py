@@ -28,7 +28,7 @@ from ajepa.atomic import atomic_path
 from ajepa.errors import AjepaError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "export_encoder",
-           "load_encoder_state", "config_hash"]
+           "load_encoder_state", "config_hash", "file_sha256"]
 
 ENCODER_FORMAT = "ajepa-encoder/1"
 # Exact types: subclasses such as numpy.float64 (a float) or defaultdict (a dict) pickle as their own
@@ -180,3 +180,11 @@ def config_hash(obj) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
                       default=_jsonable)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

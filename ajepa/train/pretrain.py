@@ -21,13 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ajepa.config import PretrainConfig
 from ajepa.data.loader import pretrain_augment, pretrain_loader
-from ajepa.data.store import FeatureStore, StoreUnion
+from ajepa.data.store import FeatureStore, StoreUnion, training_statistics
 from ajepa.errors import AjepaError
+from ajepa.export import write_export
 from ajepa.masks import MaskGenerator
 from ajepa.models import AJEPA, PositionOnlyPredictor, effective_rank
 from ajepa.progress import progress
-from ajepa.train.checkpoint import (config_hash, export_encoder, load_checkpoint, rng_state, save_checkpoint,
-                                    set_rng_state)
+from ajepa.train.checkpoint import config_hash, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ajepa.train.distributed import DistInfo, all_reduce_mean
 from ajepa.train.schedules import CosineWeightDecay, LinearMomentum, WarmupCosine, param_groups
 
@@ -37,7 +37,7 @@ OpenLog = Callable[[int], Log]  # open_log(start_step) -> log: told where the ru
 
 @dataclass
 class PretrainPaths:
-    encoders: dict[str, Path]  # safetensors exports by encoder: {"context": ..., "target": ...}
+    encoders: dict[str, Path]  # export folders (ajepa.export) by encoder: {"context": ..., "target": ...}
     state: Path  # resumable checkpoint (a persistent, uncached directory in dvc.yaml)
     metrics: Path  # final summary JSON
 
@@ -81,6 +81,14 @@ class Trainer:
 def encoder_config(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int) -> dict:
     """The SpectrogramEncoder arguments, as the export records them."""
     return {"grid": list(grid), "patch_size": patch_size, **asdict(cfg.encoder)}
+
+
+def export_config(cfg: PretrainConfig, store: FeatureStore | StoreUnion, total_steps: int) -> dict:
+    """What each exported encoder's config.json records besides which encoder it is (ajepa.export)."""
+    frontend, normalisation = training_statistics(store)
+    return {"architecture": encoder_config(cfg, tuple(store.stats["grid"]), int(store.stats["patch_size"])),
+            "frontend": frontend, "normalisation": normalisation,
+            "training": {"steps": total_steps, "splits": list(cfg.splits), "params_sha256": config_hash(cfg)}}
 
 
 def build_model(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int) -> AJEPA:
@@ -299,18 +307,19 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
             save(trainer, checkpoint, this_run, dist, run.counters())
             saved_step = run.step
     bar.close()
-    return _finish(cfg, trainer, run, paths, dist, grid, patch_size, total_steps, start_step, checkpoint, this_run)
+    return _finish(trainer, run, paths, dist, export_config(cfg, store, total_steps), start_step, checkpoint,
+                   this_run)
 
 
-def _finish(cfg, trainer: Trainer, run: RunState, paths: PretrainPaths, dist: DistInfo, grid, patch_size: int,
-            total_steps: int, start_step: int, checkpoint: Path, this_run: str) -> PretrainResult:
+def _finish(trainer: Trainer, run: RunState, paths: PretrainPaths, dist: DistInfo, export: dict, start_step: int,
+            checkpoint: Path, this_run: str) -> PretrainResult:
     """Save the final state, export both encoders when the run is complete, and sum it up."""
     counters = run.counters()
     seconds = counters["seconds"]
     save(trainer, checkpoint, this_run, dist, counters)
-    if dist.is_main and run.step == total_steps:
-        for which, path in paths.encoders.items():
-            export_encoder(path, getattr(trainer.model, f"{which}_encoder"), encoder_config(cfg, grid, patch_size))
+    if dist.is_main and run.step == export["training"]["steps"]:
+        for which, folder in paths.encoders.items():
+            write_export(folder, getattr(trainer.model, f"{which}_encoder"), {"encoder": which, **export})
     return PretrainResult(steps=run.step, start_step=start_step, final_loss=run.loss,
                           samples_per_s=run.seen / seconds if seconds > 0 else 0.0, seconds=seconds,
                           probe_seconds=run.probing, tf_fraction=run.tf_steps / run.step if run.step else 0.0,

@@ -1,0 +1,182 @@
+"""`ajepa embed DIR_OR_FILE... --out FILE.npz`: scene embeddings of audio files with an exported encoder.
+
+Written once every clip is done, each file atomically:
+  FILE.npz          paths [N] (str), embeddings [N, E] float32, seconds [N], sizes and mtimes [N] (what
+                    the embedding was made from), encoder (JSON: export, weights sha256, statistics)
+  FILE.csv          row, path, seconds: one row per embedded clip, in input order
+  FILE.rejects.csv  path, reason: every clip that could not be read (counted in the summary)
+NumPy's .npz rather than Parquet: pyarrow is not a dependency, and `np.load` reads it without pickle.
+
+Resumable: finished embeddings go to FILE.npz.parts/ every `save_every` clips; a rerun with the same
+encoder keeps them, and those of an existing FILE.npz made with it, for every file whose size and
+modification time are unchanged, so a large folder is embedded once and a grown one only in part.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ajepa.atomic import atomic_path, write_csv
+from ajepa.data.frontend import UnreadableAudio
+from ajepa.encoder import AudioEncoder, load_encoder
+from ajepa.errors import AjepaError
+from ajepa.export import CONFIG, weights_file
+from ajepa.progress import progress
+from ajepa.train.checkpoint import file_sha256
+
+__all__ = ["AUDIO_SUFFIXES", "audio_files", "embed_files", "run"]
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff")
+_FIELDS = ("paths", "sizes", "mtimes", "seconds", "embeddings")
+
+
+def audio_files(inputs: list[str]) -> list[Path]:
+    """The files named, and the audio files (AUDIO_SUFFIXES) under the folders named, sorted, each once."""
+    out = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise AjepaError(f"{p}: no such file or folder")
+    return list(dict.fromkeys(out))
+
+
+def _identity(model: AudioEncoder) -> str:
+    """What the embeddings depend on besides the audio: the weights, statistics and window."""
+    source = Path(model.config["source"])
+    return json.dumps({"export": str(source), "weights_sha256": file_sha256(weights_file(source)),
+                       "mean": model.mean, "std": model.std, "window_frames": model.window_frames}, sort_keys=True)
+
+
+def _save(path: Path, rows: list[tuple], identity: str) -> None:
+    """rows of (path, size, mtime, seconds, embedding) as one .npz, atomically."""
+    columns = list(zip(*rows)) if rows else [[]] * 5
+    arrays = {"paths": np.array(columns[0], dtype=str), "sizes": np.array(columns[1], dtype=np.int64),
+              "mtimes": np.array(columns[2], dtype=np.int64), "seconds": np.array(columns[3], dtype=np.float64),
+              "embeddings": np.stack(columns[4]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, encoder=np.array(identity), **arrays)
+
+
+def _load_rows(path: Path, identity: str) -> dict[str, tuple] | None:
+    """{path: (path, size, mtime, seconds, embedding)} of a file _save wrote with this encoder, else None."""
+    with np.load(path) as z:
+        if str(z["encoder"]) != identity:
+            return None
+        cols = [z[k] for k in _FIELDS]
+    return {str(p): (str(p), int(s), int(m), float(sec), e) for p, s, m, sec, e in zip(*cols)}
+
+
+def _earlier(out: Path, parts: Path, identity: str) -> dict[str, tuple]:
+    """The rows a previous run finished with this encoder: in `out`, then in its parts folder."""
+    done = {}
+    if out.is_file():
+        done.update(_load_rows(out, identity) or {})
+    if parts.is_dir():
+        for part in sorted(parts.glob("part-*.npz")):
+            rows = _load_rows(part, identity)
+            if rows is None:
+                raise AjepaError(f"{parts}: an interrupted run with another encoder or statistics; delete the "
+                                 "folder to start afresh, or choose another --out")
+            done.update(rows)
+    return done
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    s = path.stat()
+    return s.st_size, s.st_mtime_ns
+
+
+def _write_outputs(out: Path, rows: list[tuple], rejects: list[tuple[str, str]], identity: str) -> None:
+    _save(out, rows, identity)
+    write_csv(out.with_suffix(".csv"), pd.DataFrame({"row": range(len(rows)), "path": [r[0] for r in rows],
+                                                     "seconds": [round(r[3], 3) for r in rows]}))
+    write_csv(out.with_name(out.stem + ".rejects.csv"), pd.DataFrame(rejects, columns=["path", "reason"]))
+
+
+def embed_files(model: AudioEncoder, files: list[Path], out: str | Path, batch_size: int = 16,
+                save_every: int = 256, enable_progress: bool = True) -> dict:
+    """Scene embeddings of `files` into `out` and its index and rejects lists (see the module docstring).
+    Returns {"clips", "reused", "rejects": [(path, reason), ...]}."""
+    out = Path(out)
+    parts, identity = out.with_name(out.name + ".parts"), _identity(model)
+    keys = {str(f): _stat(f) for f in files}
+    done = {p: r for p, r in _earlier(out, parts, identity).items() if p in keys and r[1:3] == keys[p]}
+    reused, todo = len(done), [f for f in files if str(f) not in done]
+    n_parts = len(list(parts.glob("part-*.npz"))) if parts.is_dir() else 0
+    rejects, pending, batch = [], [], []
+    bar = progress(len(todo), "embed", "clip", enabled=enable_progress)
+
+    def embed_batch() -> None:
+        emb = model.embed([w for _, w in batch], model.sample_rate).cpu().numpy()
+        pending.extend((str(f), *keys[str(f)], w.shape[0] / model.sample_rate, e) for (f, w), e in zip(batch, emb))
+        bar.update(len(batch))
+        batch.clear()
+
+    def save_part() -> None:
+        nonlocal n_parts
+        _save(parts / f"part-{n_parts:05d}.npz", pending, identity)
+        n_parts += 1
+        done.update((r[0], r) for r in pending)
+        pending.clear()
+
+    for f in todo:
+        try:
+            batch.append((f, model.frontend.load(f)[0]))
+        except (UnreadableAudio, OSError) as e:
+            rejects.append((str(f), " ".join(str(e).split()) or type(e).__name__))
+            bar.update(1)
+        if len(batch) >= batch_size:
+            embed_batch()
+        if len(pending) >= save_every:
+            save_part()
+    if batch:
+        embed_batch()
+    if pending:
+        save_part()
+    bar.close()
+    _write_outputs(out, [done[str(f)] for f in files if str(f) in done], rejects, identity)
+    shutil.rmtree(parts, ignore_errors=True)
+    return {"clips": sum(str(f) in done for f in files), "reused": reused, "rejects": rejects}
+
+
+def _which(args) -> str | None:
+    """--which, else (for a folder of exports) downstream.encoder of --params where that file exists."""
+    if args.which or (Path(args.encoder) / CONFIG).is_file() or not Path(args.params).is_file():
+        return args.which
+    from ajepa.config import load_params
+    return load_params(args.params).downstream.encoder
+
+
+def run(args) -> str:
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise AjepaError(f"--out {out}: must end in .npz (Parquet would need pyarrow, not a dependency of ajepa)")
+    if args.batch_size < 1 or args.save_every < 1:
+        raise AjepaError(f"--batch-size and --save-every must be at least 1, got {args.batch_size}, {args.save_every}")
+    files = audio_files(args.inputs)
+    if not files:
+        raise AjepaError(f"no audio files ({' '.join(AUDIO_SUFFIXES)}) in {', '.join(args.inputs)}")
+    auto = args.device == "auto"
+    device = torch.device("cuda" if auto and torch.cuda.is_available() else "cpu" if auto else args.device)
+    which = _which(args)
+    model = load_encoder(args.encoder, which, device=device)
+    r = embed_files(model, files, out, args.batch_size, args.save_every)
+    lines = [f"embed: {r['clips']} of {len(files)} clips -> {out} ({model.embedding_size}-dim scene embeddings of "
+             f"{model.config['source']}, on {device}; {r['reused']} kept from an earlier run), "
+             f"index {out.with_suffix('.csv')}"]
+    if r["rejects"]:
+        path, reason = r["rejects"][0]
+        lines.append(f"  {len(r['rejects'])} unreadable, listed in {out.with_name(out.stem + '.rejects.csv')}; "
+                     f"first: {path}: {reason}")
+    return "\n".join(lines)
