@@ -119,6 +119,28 @@ def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
     assert r3.samples_per_s * r3.seconds == pytest.approx(len(straight) * cfg.optim.batch_size)
 
 
+def test_accumulated_pretraining_run_equals_the_full_batch_run(store_dir, tmp_path):
+    """Through the loop: the same parameters, the schedules and the step counter stepped once per
+    optimiser step; and a run resumed with another micro-batch size is the same run."""
+    full, full_losses = _train(_params().pretrain, store_dir, tmp_path / "full", stop_after=3)
+    split, losses = _train(_params(micro_batch=3).pretrain, store_dir, tmp_path / "split", stop_after=3)
+    assert full.steps == split.steps == 3
+    a, b = (load_checkpoint(tmp_path / d / "state/checkpoint.pt") for d in ("full", "split"))
+    assert a["step"] == b["step"] == 3
+    assert a["lr"] == b["lr"] and a["wd"] == b["wd"] and a["momentum"] == b["momentum"]
+    assert losses == pytest.approx(full_losses, rel=1e-6)
+    for k, w in a["model"].items():
+        v = b["model"][k]
+        if k.endswith("attn.qkv.bias"):
+            # the keys' bias does not change attention, so its gradient is 0 up to rounding, which Adam's
+            # first steps (about lr * sign(gradient)) turn into whole steps: compare the queries' and values'
+            d = w.shape[0] // 3
+            w, v = torch.cat([w[:d], w[2 * d:]]), torch.cat([v[:d], v[2 * d:]])
+        assert torch.allclose(w, v, atol=1e-6, rtol=1e-4), k
+    resumed, _ = _train(_params(micro_batch=2).pretrain, store_dir, tmp_path / "split", stop_after=1)
+    assert resumed.start_step == 3 and resumed.steps == 4
+
+
 def test_changed_parameters_start_afresh(store_dir, tmp_path):
     _train(_params().pretrain, store_dir, tmp_path, stop_after=3)
     other = _params(seed=1).pretrain
