@@ -151,10 +151,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
                        "num_heads": pred_cfg["num_heads"]},
          "input": [length, grid[1] * patch], "grid": list(grid), "batch": batch, "steps": steps,
          "masking_mode": cfg.masking.mode, "compile": compile, "activation_checkpointing": activation_checkpointing,
-         "compile_seconds": first_steps, "peak_memory": {
-             "what": "CUDA max_memory_allocated during the timed steps" if cuda else
-                     "growth of the process's peak RSS (ru_maxrss) over the model, optimiser and timed steps",
-             "bytes": max(m["peak_memory_bytes"] for m in per_mode.values())}}
+         "compile_seconds": first_steps, "peak_memory": _peak_memory(dev, per_mode)}
     return {**r, **_mixed(per_mode, peaks, batch, _expected_tf_fraction(cfg.masking.mode, cfg.masking.curriculum_c0))}
 
 
@@ -204,6 +201,12 @@ def _memory(dev: torch.device) -> int:
         return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _peak_memory(dev: torch.device, per_mode: dict) -> dict:
+    return {"what": "CUDA max_memory_allocated during the timed steps" if dev.type == "cuda" else
+            "growth of the process's peak RSS (ru_maxrss) over the model, optimiser and timed steps",
+            "bytes": max(m["peak_memory_bytes"] for m in per_mode.values())}
 
 
 def _compile(model, opt, step_fn, x: torch.Tensor, cfg, grid) -> float:
