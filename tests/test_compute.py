@@ -124,3 +124,19 @@ def test_activation_checkpointing_keeps_the_gradients():
     plain, checkpointed = grads(False), grads(True)
     assert len(plain) > 20
     _close(plain, checkpointed, atol=1e-7, rtol=1e-6)
+
+
+def test_finetuning_run_with_micro_batches_and_checkpointing_scores_the_same(tmp_path):
+    task = _task()
+    cfg = dataclasses.replace(load_params(REPO / "params.yaml").recipe("synth"), epochs=2, batch_size=8,
+                              head_init="zero", drop_path=0.0, key_mask_ratio=0.0, mixup=0.5, roll=True)
+    results = []
+    for name, options in (("plain", {}), ("split", {"micro_batch": 3, "activation_checkpointing": True})):
+        torch.manual_seed(0)
+        results.append(finetune.finetune_run(task, task.splits[0], SpectrogramEncoder((2, 8), 16, 32, 2, 2),
+                                             dataclasses.replace(cfg, **options), name, torch.device("cpu"),
+                                             tmp_path / f"{name}.pt", "hash", enable_progress=False))
+    plain, split = results
+    assert [h["train_loss"] for h in plain.history] == pytest.approx([h["train_loss"] for h in split.history],
+                                                                     abs=2e-5)
+    assert np.allclose(plain.test_scores, split.test_scores, atol=1e-4)
