@@ -210,8 +210,8 @@ def _peak_memory(dev: torch.device, per_mode: dict) -> dict:
 
 
 def _compile(model, opt, step_fn, x: torch.Tensor, cfg, grid) -> float:
-    """torch.compile the blocks and time the first steps apart: two of each masking mode, since a block
-    compiles for its first input size and once more, for any size, at its second. Seconds."""
+    """torch.compile the blocks and time the first steps apart (seconds): two of each masking mode, since
+    a block compiles for its first input size and again when a size changes, after which it takes any."""
     from ajepa.train.compute import compile_blocks
 
     compile_blocks(model)

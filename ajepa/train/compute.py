@@ -121,8 +121,8 @@ def min_over_processes(value: int, device: torch.device) -> int:
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile every transformer block of `model` in place (timm's Block and its subclasses);
     returns how many. Blocks rather than the whole model: the context and target sizes change from
-    step to step (the masks), and a block recompiles for a new shape cheaply, at most twice before
-    it is compiled for any size; the mask gathering and the loss stay eager."""
+    step to step (the masks), and a block recompiles once or twice for new sizes (then its graph
+    takes any size); the mask gathering and the loss stay eager."""
     from timm.models.vision_transformer import Block
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if blocks:
