@@ -4,7 +4,9 @@ The step reads as I-JEPA's: forward the target encoder (EMA, whole spectrogram),
 encoder and predictor, loss, optimiser step, EMA update; schedules are stepped once per iteration.
 A checkpoint holds the whole state (models, optimiser, schedules, RNG, the step counter that drives
 the batch order and the masks), so a resumed run is the same run. The library logs through a plain
-`log(step, metrics)` callable; the stage decides where the metrics go.
+`log(step, metrics)` callable; the stage decides where the metrics go. With `micro_batch` a step's
+batch (masks drawn for all of it, before any split) goes through forward/backward in micro-batches
+whose gradients add up to the batch's (ajepa.train.compute); the rest still happens once per step.
 """
 
 from __future__ import annotations
