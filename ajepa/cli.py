@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=8, help="timed steps per masking mode (default 8)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    b.add_argument("--compile", action="store_true", help="torch.compile the blocks (compile time reported apart)")
+    b.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 

@@ -68,6 +68,11 @@ class WordsConfig:
         _check_ranges(self, key)
 
 
+def _check_micro_batch(value, key: str) -> None:
+    if isinstance(value, int) and value < 1:
+        _bad(key + ".micro_batch", value, "must be a positive number of clips, auto, or null (the whole batch)")
+
+
 def _check_ranges(cfg, key: str) -> None:
     if len(cfg.snr_db) != 2 or cfg.snr_db[0] > cfg.snr_db[1]:
         _bad(key + ".snr_db", cfg.snr_db, "must be [low, high] with low <= high")
@@ -274,9 +279,13 @@ class PretrainConfig:
     checkpoint_every: int  # steps between resumable checkpoints
     log_every: int  # steps between logged points
     num_workers: int  # data-loader worker processes
+    micro_batch: Literal["auto"] | int | None  # clips per forward/backward on each process (gradient accumulation); null = the whole share of optim.batch_size; auto = the most that fit (CUDA)
+    activation_checkpointing: bool  # recompute block activations in the backward pass: less memory, ~1/3 more compute
+    compile: bool  # torch.compile the transformer blocks (docs/compute.md)
 
     def check(self, key: str) -> None:
         _positive(self, key, "checkpoint_every", "log_every")
+        _check_micro_batch(self.micro_batch, key)
         if self.num_workers < 0:
             _bad(key + ".num_workers", self.num_workers, "must be >= 0")
         if not self.splits:
@@ -322,8 +331,11 @@ class FinetuneConfig:
     random_init_baseline: bool  # also fine-tune the same architecture from random init
     runs: int  # the first `runs` runs of the protocol (folds); 0 = all of them
     seed: int  # head init, batch order, augmentation and the random-init baseline's weights
+    micro_batch: Literal["auto"] | int | None  # clips per forward/backward (gradient accumulation); null = batch_size; auto = the most that fit (CUDA)
+    activation_checkpointing: bool  # recompute block activations in the backward pass: less memory, ~1/3 more compute
     def check(self, key: str) -> None:
         _positive(self, key, "epochs", "batch_size", "lr")
+        _check_micro_batch(self.micro_batch, key)
         for name in ("final_lr", "warmup_epochs", "weight_decay", "specaug_time", "specaug_freq", "mixup",
                      "samples_per_epoch", "runs"):
             if getattr(self, name) < 0:

@@ -80,3 +80,16 @@ def test_bench_pretrain_one_mode_headline_is_that_mode(tiny_params_file, capsys)
     assert r["tf_fraction"] == 0.0
     assert r["mfu"] == pytest.approx(r["modes"]["block"]["mfu"])
     assert r["samples_per_s"] == pytest.approx(r["modes"]["block"]["samples_per_s"])
+
+
+def test_bench_pretrain_reports_peak_memory_and_its_options(tiny_params_file, capsys):
+    assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "1", "--batch", "4",
+                 "--threads", "1", "--activation-checkpointing", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["activation_checkpointing"] is True and r["compile"] is False and r["compile_seconds"] is None
+    assert "peak RSS" in r["peak_memory"]["what"] and r["peak_memory"]["bytes"] >= 0  # on the CPU
+    assert r["peak_memory"]["bytes"] == max(m["peak_memory_bytes"] for m in r["modes"].values())
+    assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "1", "--batch", "4",
+                 "--threads", "1", "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "peak memory" in out and "with activation checkpointing" in out

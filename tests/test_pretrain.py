@@ -123,6 +123,28 @@ def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
     assert r3.samples_per_s * r3.seconds == pytest.approx(len(straight) * cfg.optim.batch_size)
 
 
+def test_accumulated_pretraining_run_equals_the_full_batch_run(store_dir, tmp_path):
+    """Through the loop: the same parameters, the schedules and the step counter stepped once per
+    optimiser step; and a run resumed with another micro-batch size is the same run."""
+    full, full_losses = _train(_params().pretrain, store_dir, tmp_path / "full", stop_after=3)
+    split, losses = _train(_params(micro_batch=3).pretrain, store_dir, tmp_path / "split", stop_after=3)
+    assert full.steps == split.steps == 3
+    a, b = (load_checkpoint(tmp_path / d / "state/checkpoint.pt") for d in ("full", "split"))
+    assert a["step"] == b["step"] == 3
+    assert a["lr"] == b["lr"] and a["wd"] == b["wd"] and a["momentum"] == b["momentum"]
+    assert losses == pytest.approx(full_losses, rel=1e-6)
+    for k, w in a["model"].items():
+        v = b["model"][k]
+        if k.endswith("attn.qkv.bias"):
+            # the keys' bias does not change attention, so its gradient is 0 up to rounding, which Adam's
+            # first steps (about lr * sign(gradient)) turn into whole steps: compare the queries' and values'
+            d = w.shape[0] // 3
+            w, v = torch.cat([w[:d], w[2 * d:]]), torch.cat([v[:d], v[2 * d:]])
+        assert torch.allclose(w, v, atol=1e-6, rtol=1e-4), k
+    resumed, _ = _train(_params(micro_batch=2).pretrain, store_dir, tmp_path / "split", stop_after=1)
+    assert resumed.start_step == 3 and resumed.steps == 4
+
+
 def test_changed_parameters_start_afresh(store_dir, tmp_path):
     _train(_params().pretrain, store_dir, tmp_path, stop_after=3)
     other = _params(seed=1).pretrain
@@ -163,20 +185,23 @@ def test_missing_feature_store_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
 def test_torchrun_two_processes_match_one(store_dir, tmp_path):
-    """Two gloo processes with half the batch each = one process with the whole batch."""
+    """Two gloo processes with half the batch each = one process with the whole batch, and so do two
+    processes that accumulate their half in micro-batches of 2 (DDP's no_sync on all but the last)."""
     import shutil
     import subprocess
 
     import yaml
     results = {}
-    for name, cmd in {"single": [sys.executable, "-m", "ajepa.cli", "pretrain"],
-                      "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", "29517", "-m", "ajepa.cli", "pretrain"]}.items():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "-m", "ajepa.cli", "pretrain"]
+    for name, cmd in {"single": [sys.executable, "-m", "ajepa.cli", "pretrain"], "ddp": torchrun,
+                      "ddp_micro": torchrun}.items():
         root = tmp_path / name
         shutil.copytree(store_dir, root / "data/features/synth")
         p = tiny_params()
         p["pretrain"]["optim"]["epochs"] = 1
         p["pretrain"]["datasets"] = ["synth"]
+        p["pretrain"]["micro_batch"] = 2 if name == "ddp_micro" else None
         (root / "params.yaml").write_text(yaml.safe_dump(p))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "ajepa.cli", "pool", "synth"], cwd=root, check=True, env=env,
@@ -185,8 +210,10 @@ def test_torchrun_two_processes_match_one(store_dir, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         results[name] = (json.loads((root / "results/pretrain/metrics.json").read_text()),
                          load_encoder_state(root / "models/pretrain/context/model.safetensors")[0])
-    (m1, w1), (m2, w2) = results["single"], results["ddp"]
-    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m1["steps"] == m2["steps"] == 6
-    assert math.isclose(m1["final_loss"], m2["final_loss"], rel_tol=1e-4)
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+    m1, w1 = results["single"]
+    for name in ("ddp", "ddp_micro"):
+        m2, w2 = results[name]
+        assert m2["world_size"] == 2 and m1["world_size"] == 1 and m1["steps"] == m2["steps"] == 6
+        assert math.isclose(m1["final_loss"], m2["final_loss"], rel_tol=1e-4), name
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), (name, k)

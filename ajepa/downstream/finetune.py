@@ -40,7 +40,8 @@ from ajepa.config import FinetuneConfig
 from ajepa.data.augment import add_noise, mix_targets, mixup_draws, power_mix, roll_time, scale_magnitude
 from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.errors import AjepaError
-from ajepa.models import SpectrogramEncoder
+from ajepa.models import SpectrogramEncoder, set_activation_checkpointing
+from ajepa.train.compute import accumulate, fits_in_cuda_memory, resolve_micro_batch
 from ajepa.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
@@ -216,6 +217,7 @@ class FinetuneState:
     best_epoch: int = 0
     best_state: dict | None = None
     history: list = field(default_factory=list)
+    micro_batch: int | None = None  # clips per forward/backward (None: the whole batch); not checkpointed
 
     def checkpoint(self, run_hash: str) -> dict:
         return {"run_hash": run_hash, "epoch": self.epoch, "model": self.model.state_dict(),
@@ -257,15 +259,45 @@ def build(encoder: SpectrogramEncoder, task: Task, split: EvalSplit, cfg: Finetu
 
 def train_step(run: FinetuneState, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Generator,
                autocast) -> float:
-    """One optimiser step on an augmented batch (regularized masking drawn from `g`); returns the loss."""
+    """One optimiser step on an augmented batch (regularized masking drawn from `g`, micro-batch after
+    micro-batch when the batch is split); returns the loss."""
     run.lr.step()
-    with autocast:
-        logits = run.model(x, key_mask_ratio=cfg.key_mask_ratio, generator=g)
-    loss = _loss(logits.float(), y, cfg.loss)
+
+    def loss_of(rows: slice) -> torch.Tensor:
+        with autocast:
+            logits = run.model(x[rows], key_mask_ratio=cfg.key_mask_ratio, generator=g)
+        return _loss(logits.float(), y[rows], cfg.loss)
+
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = accumulate(run.model, len(x), run.micro_batch, loss_of)
     run.optimizer.step()
-    return float(loss.detach())
+    return float(loss)
+
+
+def configure_compute(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneConfig,
+                      device: torch.device, autocast) -> None:
+    """Activation checkpointing as configured, and the micro-batch size (`auto`: probed on CUDA with a
+    forward/backward of real training clips at decreasing sizes)."""
+    if cfg.activation_checkpointing:
+        set_activation_checkpointing(run.model)
+    if cfg.micro_batch != "auto" or device.type != "cuda":
+        run.micro_batch = resolve_micro_batch(cfg.micro_batch, cfg.batch_size, device)
+        return
+    x = task.clips(np.resize(split.train, cfg.batch_size)).to(device)
+    run.model.train()
+
+    def forward_backward(size: int) -> None:
+        try:
+            with autocast:
+                logits = run.model(x[:size], key_mask_ratio=cfg.key_mask_ratio)
+            logits.float().logsumexp(1).mean().backward()
+        finally:
+            run.model.zero_grad(set_to_none=True)
+
+    # AdamW's two moments, not allocated before the first step
+    reserve = 2 * sum(p.numel() * p.element_size() for p in run.model.parameters())
+    run.micro_batch = resolve_micro_batch("auto", cfg.batch_size, device,
+                                          lambda m: fits_in_cuda_memory(device, lambda: forward_backward(m), reserve))
 
 
 def train_epoch(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneConfig, device: torch.device,
@@ -302,6 +334,7 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
     run.resume(state_path, run_hash)
     log = open_log(run.epoch + 1) if open_log else (lambda step, metrics: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    configure_compute(run, task, split, cfg, device, autocast)
     t0 = time.perf_counter()
     bar = progress((cfg.epochs - run.epoch) * run.steps_per_epoch, f"finetune {name}", "step",
                    enabled=enable_progress)

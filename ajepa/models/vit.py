@@ -13,11 +13,12 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
 
-from .attention import KeyMaskBlock
+from .attention import KeyMaskBlock, random_key_mask
 
 __all__ = ["SIZES", "PREDICTOR_INITS", "POOLINGS", "resolve_size", "sincos_pos_embed_2d", "gather_tokens", "pool_tokens",
-           "time_patch_embeddings", "init_vit_weights", "SpectrogramEncoder", "Predictor"]
+           "time_patch_embeddings", "init_vit_weights", "SpectrogramEncoder", "Predictor", "set_activation_checkpointing"]
 
 # ViT sizes (embed_dim, depth, num_heads) as in ViT/MAE/I-JEPA; A-JEPA's main model is "base".
 SIZES = {
@@ -135,6 +136,7 @@ class SpectrogramEncoder(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_patches = self.grid[0] * self.grid[1]
+        self.activation_checkpointing = False  # see set_activation_checkpointing
         self.patch_embed = PatchEmbed(img_size=(self.grid[0] * patch_size, self.grid[1] * patch_size),
                                       patch_size=patch_size, in_chans=1, embed_dim=embed_dim)
         # Fixed, not learned (MAE/I-JEPA): a buffer, never optimised. Not persistent: it is a
@@ -174,8 +176,19 @@ class SpectrogramEncoder(nn.Module):
         if keep is not None:
             x = gather_tokens(x, keep)
         for blk in self.blocks:
-            x = blk(x, key_mask_ratio=key_mask_ratio, generator=generator)
+            x = self._block(blk, x, key_mask_ratio, generator)
         return self.norm(x)
+
+    def _block(self, blk: KeyMaskBlock, x: torch.Tensor, key_mask_ratio: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return blk(x, key_mask_ratio=key_mask_ratio, generator=generator)
+        # The key mask is drawn here, as the block would draw it, but outside the checkpoint: the
+        # backward recomputation must see the same mask, and `generator` has moved on by then.
+        # (Drop path draws from the global RNG, which the checkpoint restores for the recomputation.)
+        mask = random_key_mask(x.shape[0], x.shape[1], key_mask_ratio, x.device, generator) \
+            if blk.training and key_mask_ratio > 0 else None
+        return checkpoint(blk, x, mask, use_reentrant=False)
 
     def block_outputs(self, x: torch.Tensor, last: int) -> list[torch.Tensor]:
         """The residual stream after each of the last `last` blocks, the final one through the encoder's
@@ -205,6 +218,7 @@ class Predictor(nn.Module):
         if init not in PREDICTOR_INITS:
             raise ValueError(f"predictor init must be one of {PREDICTOR_INITS}, got {init!r}")
         self.grid = tuple(grid)
+        self.activation_checkpointing = False  # see set_activation_checkpointing
         self.embed = nn.Linear(encoder_dim, predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, predictor_dim), persistent=False)
@@ -230,7 +244,17 @@ class Predictor(nn.Module):
         ctx = ctx.repeat_interleave(M, dim=0)  # row b * M + m
         tgt = self.mask_token + self.pos_embed[target_idx.reshape(B * M, Kt)]
         x = torch.cat([ctx, tgt], dim=1)
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if checkpointing else blk(x)
         x = self.proj(self.norm(x[:, -Kt:]))
         return x.reshape(B, M, Kt, -1)
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (torch.utils.checkpoint) in every encoder and predictor of `model`: activation memory drops to
+    about one block's, for roughly a third more compute. The gradients are those of the plain model."""
+    for m in model.modules():
+        if isinstance(m, (SpectrogramEncoder, Predictor)):
+            m.activation_checkpointing = on

@@ -22,6 +22,7 @@ from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS
 from ajepa.stages.tracking import open_live
 from ajepa.train.checkpoint import config_hash
+from ajepa.train.compute import without_compute_keys
 
 INITS = {"pretrained": "finetune", "random_init": "finetune_random_init"}
 
@@ -38,7 +39,7 @@ def run(params: Params, benchmark: str) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_dir, out = paths.finetune_state_dir(benchmark), paths.finetune_results(benchmark)
     state_dir.mkdir(parents=True, exist_ok=True)
-    base_hash = {"finetune": asdict(cfg), "encoder": file_sha256(encoder_path / WEIGHTS),
+    base_hash = {"finetune": without_compute_keys(asdict(cfg)), "encoder": file_sha256(encoder_path / WEIGHTS),
                  "features": {k: task.store.stats[k] for k in ("mean", "std", "accepted", "grid")},
                  "clips": len(task.index), "device": device.type}
 

@@ -95,7 +95,8 @@ def _expected_tf_fraction(mode: str, c0: float, n: int = 10_000) -> float:
 
 def bench_pretrain(params, encoder: str = "config", target_length: int | None = None, batch: int | None = None,
                    predictor_dim: int | None = None, predictor_depth: int | None = None, steps: int = 8,
-                   warmup: int = 2, threads: int | None = None, device: str = "auto") -> dict:
+                   warmup: int = 2, threads: int | None = None, device: str = "auto", compile: bool = False,
+                   activation_checkpointing: bool = False) -> dict:
     """Time real A-JEPA training steps at the configured size (or an override) and relate their
     model FLOP/s to the matmul peak measured in the same run (MFU).
 
@@ -104,9 +105,12 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     Block-mode and TF-mode steps are timed separately (their context sizes differ); the headline
     figures mix the two in the proportion the configured masking mode draws over a run.
     Inputs are random spectrograms: the step's cost does not depend on the values, and the
-    data loader runs in other processes during training.
+    data loader runs in other processes during training. `compile` and `activation_checkpointing`
+    are pretrain.compile and pretrain.activation_checkpointing; with `compile` the first steps
+    (compilation included) are timed apart from the steady state. Peak memory: see _memory.
     """
     from ajepa.tools import flops
+    from ajepa.models import set_activation_checkpointing
     from ajepa.train.pretrain import autocast_for, build_model, train_step
     from ajepa.train.schedules import param_groups
 
@@ -119,8 +123,11 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     cfg, length, grid, patch = _bench_config(params, encoder, target_length, predictor_dim, predictor_depth)
     batch = batch or cfg.optim.batch_size
 
+    baseline = _memory(dev)
     torch.manual_seed(0)
     model = build_model(cfg, grid, patch).to(dev)
+    if activation_checkpointing:
+        set_activation_checkpointing(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay[0]), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), fused=True)
     enc_cfg, pred_cfg, _ = flops.model_configs(model)
@@ -134,7 +141,8 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     # minute, and one peak taken before all timing made MFU swing with that drift.
     peaks = [flops.matmul_peak_flops(dev, seconds=0.7)]
     x = torch.randn(batch, length, grid[1] * patch, device=dev)
-    per_mode = {mode: _time_mode(model, opt, step_fn, x, cfg, mode, grid, steps, warmup, peaks)
+    first_steps = _compile(model, opt, step_fn, x, cfg, grid) if compile else None
+    per_mode = {mode: _time_mode(model, opt, step_fn, x, cfg, mode, grid, steps, warmup, peaks, baseline)
                 for mode in ("block", "tf")}
     r = {"device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({n_threads} threads)",
          "dtype": "bf16 autocast" if cuda else "fp32", "cpu_busy_before": None if busy is None else round(busy, 3),
@@ -142,7 +150,8 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
          "predictor": {"embed_dim": pred_cfg["predictor_dim"], "depth": pred_cfg["depth"],
                        "num_heads": pred_cfg["num_heads"]},
          "input": [length, grid[1] * patch], "grid": list(grid), "batch": batch, "steps": steps,
-         "masking_mode": cfg.masking.mode}
+         "masking_mode": cfg.masking.mode, "compile": compile, "activation_checkpointing": activation_checkpointing,
+         "compile_seconds": first_steps, "peak_memory": _peak_memory(dev, per_mode)}
     return {**r, **_mixed(per_mode, peaks, batch, _expected_tf_fraction(cfg.masking.mode, cfg.masking.curriculum_c0))}
 
 
@@ -182,8 +191,43 @@ def _bench_config(params, encoder: str, target_length: int | None, predictor_dim
     return cfg, length, (length // patch, params.features.num_mel_bins // patch), patch
 
 
+def _memory(dev: torch.device) -> int:
+    """A memory mark in bytes. On CUDA the allocator's peak, which the call resets (a peak of what
+    tensors use, without the allocator's cache); on the CPU the process's peak resident set so far
+    (ru_maxrss, which never decreases), so a later mark minus an earlier one is the growth of the peak."""
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        return peak
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _peak_memory(dev: torch.device, per_mode: dict) -> dict:
+    return {"what": "CUDA max_memory_allocated during the timed steps" if dev.type == "cuda" else
+            "growth of the process's peak RSS (ru_maxrss) over the model, optimiser and timed steps",
+            "bytes": max(m["peak_memory_bytes"] for m in per_mode.values())}
+
+
+def _compile(model, opt, step_fn, x: torch.Tensor, cfg, grid) -> float:
+    """torch.compile the blocks and time the first steps apart (seconds): two of each masking mode, since
+    a block compiles for its first input size and again when a size changes, after which it takes any."""
+    from ajepa.train.compute import compile_blocks
+
+    compile_blocks(model)
+    t0 = time.perf_counter()
+    for mode in ("block", "tf"):
+        gen = masks.MaskGenerator(grid, mode=mode, seed=cfg.seed + 1, **_mask_kwargs(cfg))
+        for s in range(2):
+            mk = gen(x.shape[0], s)
+            step_fn(model, opt, x, mk.context.to(x.device), mk.targets.to(x.device))
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - t0
+
+
 def _time_mode(model, opt, step_fn, x: torch.Tensor, cfg, mode: str, grid, steps: int, warmup: int,
-               peaks: list[float]) -> dict:
+               peaks: list[float], baseline: int) -> dict:
     """Time `steps` real steps with `mode` masks; measure the matmul peak after them (appended to
     `peaks`) and relate the step's model FLOP/s to the mean of the peaks before and after (MFU)."""
     from ajepa.tools import flops
@@ -193,15 +237,18 @@ def _time_mode(model, opt, step_fn, x: torch.Tensor, cfg, mode: str, grid, steps
     gen = masks.MaskGenerator(grid, mode=mode, seed=cfg.seed, **_mask_kwargs(cfg))
     drawn = [gen(batch, s) for s in range(warmup + steps)]
     batches = [(x, mk.context.to(dev), mk.targets.to(dev)) for mk in drawn]
+    if dev.type == "cuda":
+        _memory(dev)
     seconds = flops.measure_step(model, opt, lambda i: batches[i], steps=steps, warmup=warmup, step_fn=step_fn,
                                  reduce="mean")
+    memory = _memory(dev) - (0 if dev.type == "cuda" else baseline)
     peaks.append(flops.matmul_peak_flops(dev, seconds=0.7))
     peak = (peaks[-2] + peaks[-1]) / 2
     step_flops = sum(flops.ajepa_step_flops(enc_cfg, pred_cfg, grid, batch, mk.context.shape[1], mk.targets.shape[1],
                                             mk.targets.shape[2]) for mk in drawn[warmup:]) / steps
     return {"seconds_per_step": seconds, "samples_per_s": batch / seconds, "model_flops_per_step": step_flops,
             "model_flops_per_s": step_flops / seconds, "peak_flops_per_s": peak, "mfu": step_flops / seconds / peak,
-            "context_patches": sum(mk.context.shape[1] for mk in drawn[warmup:]) / steps}
+            "context_patches": sum(mk.context.shape[1] for mk in drawn[warmup:]) / steps, "peak_memory_bytes": memory}
 
 
 def _mask_kwargs(cfg) -> dict:
@@ -223,7 +270,12 @@ def _format_pretrain(r: dict) -> str:
                      f"{m['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {m['mfu']:.2f}  "
                      f"({m['context_patches']:.0f} context patches)")
     lines.append(f"  {r['masking_mode']} ({r['tf_fraction']:.0%} TF): {r['samples_per_s']:8.1f} samples/s  "
-                 f"{r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {r['mfu']:.2f}")
+                 f"{r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {r['mfu']:.2f}  peak memory "
+                 f"{r['peak_memory']['bytes'] / 2**20:.0f} MiB ({r['peak_memory']['what']})")
+    options = [k.replace("_", " ") for k in ("compile", "activation_checkpointing") if r[k]]
+    if options:
+        lines.append(f"  with {' and '.join(options)}" + ("" if r["compile_seconds"] is None else
+                     f"; the first 4 steps, compiling included, took {r['compile_seconds']:.1f} s (not in the above)"))
     if r["cpu_busy_before"] is not None and r["cpu_busy_before"] > 0.1:
         lines.append(f"  warning: the CPU was {r['cpu_busy_before']:.0%} busy before the run; another process "
                      f"competes for the cores, so these figures understate a quiet machine")
@@ -238,7 +290,8 @@ def run(args) -> str:
         from ajepa.config import load_params
         r = bench_pretrain(load_params(args.params), encoder=args.encoder, target_length=args.target_length,
                            batch=args.batch, predictor_dim=args.predictor_dim, predictor_depth=args.predictor_depth,
-                           steps=args.steps, threads=args.threads, device=args.device)
+                           steps=args.steps, threads=args.threads, device=args.device, compile=args.compile,
+                           activation_checkpointing=args.activation_checkpointing)
         return json.dumps(r) if args.json else _format_pretrain(r)
     if args.bench == "features":
         r = bench_features(args.clips, args.workers)

@@ -4,7 +4,9 @@ The step reads as I-JEPA's: forward the target encoder (EMA, whole spectrogram),
 encoder and predictor, loss, optimiser step, EMA update; schedules are stepped once per iteration.
 A checkpoint holds the whole state (models, optimiser, schedules, RNG, the step counter that drives
 the batch order and the masks), so a resumed run is the same run. The library logs through a plain
-`log(step, metrics)` callable; the stage decides where the metrics go.
+`log(step, metrics)` callable; the stage decides where the metrics go. With `micro_batch` a step's
+batch (masks drawn for all of it, before any split) goes through forward/backward in micro-batches
+whose gradients add up to the batch's (ajepa.train.compute); the rest still happens once per step.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from ajepa.data.store import FeatureStore, StoreUnion, training_statistics
 from ajepa.errors import AjepaError
 from ajepa.export import write_export
 from ajepa.masks import MaskGenerator
-from ajepa.models import AJEPA, PositionOnlyPredictor, effective_rank
+from ajepa.models import AJEPA, PositionOnlyPredictor, effective_rank, set_activation_checkpointing
 from ajepa.progress import progress
 from ajepa.train.checkpoint import config_hash, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ajepa.train.compute import (accumulate, compile_blocks, fits_in_cuda_memory, min_over_processes,
+                                 resolve_micro_batch, without_compute_keys)
 from ajepa.train.distributed import DistInfo, all_reduce_mean
 from ajepa.train.schedules import CosineWeightDecay, LinearMomentum, WarmupCosine, param_groups
 
@@ -134,18 +138,28 @@ class NonFiniteLoss(ArithmeticError):
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, context: torch.Tensor,
                targets: torch.Tensor, momentum: float, grad_clip: float = 0.0, autocast=None,
-               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, micro_batch: int | None = None) -> float:
     """One A-JEPA step: loss (target forward, context forward, predictor), backward, clipping, optimiser
     step, EMA update of the target encoder. `model` may be DDP-wrapped; `reduce` averages the loss over
-    processes. Returns the (global) loss; a non-finite one raises NonFiniteLoss before any update."""
+    processes. With `micro_batch` the rows go through forward/backward that many at a time and the
+    gradients accumulate (ajepa.train.compute), still one optimiser and EMA step. Returns the (global)
+    loss; a non-finite one raises NonFiniteLoss before any update of the model."""
     bare = model.module if isinstance(model, DistributedDataParallel) else model
-    with autocast or nullcontext():
-        loss = model(x, context, targets)
-    value = (reduce(loss.detach()) if reduce else loss.detach()).item()
+    kept = []
+
+    def loss_of(rows: slice) -> torch.Tensor:
+        with autocast or nullcontext():
+            loss = model(x[rows], context[rows], targets[rows])
+        kept.append(bare.last_target)
+        return loss
+
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate(model, len(x), micro_batch, loss_of)
+    if len(kept) > 1:  # the diagnostics read the whole batch's targets
+        bare.last_target = torch.cat(kept)
+    value = (reduce(loss) if reduce else loss).item()
     if not math.isfinite(value):
         raise NonFiniteLoss(value)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(bare.parameters(), grad_clip)
     optimizer.step()
@@ -153,10 +167,42 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return value
 
 
+def configure_compute(cfg: PretrainConfig, trainer: Trainer, dist: DistInfo, grid: tuple[int, int],
+                      patch_size: int, total_steps: int) -> int:
+    """Apply activation checkpointing and torch.compile as configured, and return the micro-batch size
+    (the same on every process: the smallest any of them resolved)."""
+    if cfg.activation_checkpointing:
+        set_activation_checkpointing(trainer.model)
+    if cfg.compile:
+        compile_blocks(trainer.model)
+    local = cfg.optim.batch_size // dist.world_size
+    if cfg.micro_batch != "auto" or dist.device.type != "cuda":
+        return resolve_micro_batch(cfg.micro_batch, local, dist.device)
+    n = grid[0] * grid[1]
+    x = torch.randn(local, grid[0] * patch_size, grid[1] * patch_size, device=dist.device)
+    # every patch as context: more than any mask keeps, so the probe errs on the side of fitting
+    context = torch.arange(n, device=dist.device).expand(local, n)
+    targets = build_mask_generator(cfg, grid, total_steps)(local, 0).targets.to(dist.device)
+    model, autocast = trainer.model, autocast_for(dist.device)
+
+    def forward_backward(size: int) -> None:
+        try:
+            with autocast:
+                model(x[:size], context[:size], targets[:size]).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    # AdamW's two moments (not allocated before the first step) and DDP's gradient buckets
+    reserve = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    size = resolve_micro_batch("auto", local, dist.device,
+                               lambda m: fits_in_cuda_memory(dist.device, lambda: forward_backward(m), reserve))
+    return min_over_processes(size, dist.device)
+
+
 def run_hash(cfg: PretrainConfig, store: FeatureStore | StoreUnion, world_size: int) -> str:
     # the data and the process layout are part of the run's identity: the same params over other
     # features, or another split of the global batch, would not continue the same trajectory
-    return config_hash({"params": asdict(cfg), "store": store.fingerprint(), "world_size": world_size})
+    return config_hash({"params": without_compute_keys(asdict(cfg)), "store": store.fingerprint(), "world_size": world_size})
 
 
 def resume(trainer: Trainer, checkpoint: Path, this_run: str, dist: DistInfo) -> dict | None:
@@ -279,6 +325,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
                              total_steps=end_step, num_workers=cfg.num_workers, rank=dist.rank,
                              world_size=dist.world_size,
                              augment=pretrain_augment(store, cfg.augment.roll, cfg.augment.magnitude, cfg.seed))
+    micro = configure_compute(cfg, trainer, dist, grid, patch_size, total_steps)
     train_model, autocast = _distributed(trainer.model, dist), autocast_for(dist.device)
     trainer.model.train()
     bar = progress(end_step - start_step, "pretrain", "step", enabled=enable_progress and dist.is_main)
@@ -288,7 +335,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
         try:
             run.loss = train_step(train_model, trainer.optimizer, batch.x.to(dist.device, non_blocking=True),
                                   batch.masks.context.to(dist.device, non_blocking=True), targets, schedule[2],
-                                  cfg.optim.grad_clip, autocast, all_reduce_mean)
+                                  cfg.optim.grad_clip, autocast, all_reduce_mean, micro)
         except NonFiniteLoss as e:
             kept = f"the last good checkpoint {checkpoint} (step {saved_step}) is kept" if saved_step is not None \
                 else "no checkpoint was written yet"
