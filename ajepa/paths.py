@@ -4,6 +4,7 @@ dvc.yaml and the Snakemake rules name the same paths; `ajepa dag --check` compar
 allow-list of DVC-only persistent outputs is built from the functions here.
 """
 
+import re
 from pathlib import Path
 
 DATA = Path("data")
@@ -76,3 +77,13 @@ def finetune_state_dir(benchmark: str) -> Path:
 
 def report_dir() -> Path:
     return Path("results")
+
+
+def escapes(name: str) -> str | None:
+    """Why the relative name `name` could lead outside its folder ("an absolute path", "a '..'
+    component"), or None when it stays inside (as far as the name tells: links are checked apart)."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "a '..' component"
+    return None

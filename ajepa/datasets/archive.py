@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ajepa.errors import AjepaError
+from ajepa.paths import escapes
 from ajepa.progress import progress
 
 
@@ -124,16 +125,6 @@ def extract(paths: list[Path], target: Path, label: str | None = None, show_prog
         if e.errno is not None:
             raise  # the file system's own error (a full disk): not the archive's fault
         raise BrokenArchive(f"{label}: truncated or corrupt archive ({e}): {remedy}") from None
-
-
-def escapes(name: str) -> str | None:
-    """Why the relative name `name` could lead outside its folder ("an absolute path", "a '..'
-    component"), or None when it stays inside (as far as the name tells: links are checked apart)."""
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return "an absolute path"
-    if ".." in re.split(r"[\\/]", name):
-        return "a '..' component"
-    return None
 
 
 def _member_path(name: str, target: Path, label: str) -> Path | None:

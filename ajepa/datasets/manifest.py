@@ -29,8 +29,8 @@ import pandas as pd
 import soundfile as sf
 
 from ajepa.atomic import write_csv, write_json
-from ajepa.datasets.archive import escapes
 from ajepa.errors import AjepaError
+from ajepa.paths import escapes
 from ajepa.progress import progress
 
 COLUMNS = ["clip_id", "path", "labels", "fold", "split", "duration_s", "sample_rate"]
