@@ -6,7 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ajepa.errors import AjepaError
+from ajepa.errors import AjepaError, Interrupted
+from ajepa.interrupt import StopSignals
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dataset", help="a dataset of pretrain.datasets")
 
     s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; works under torchrun)")
-    s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+    s.add_argument("--stop-after", type=_at_least_one, default=None, metavar="STEPS",
                    help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
 
     s = sub.add_parser("linear", help="frozen-encoder linear evaluation on a benchmark (plus baselines)")
@@ -71,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signals = StopSignals().install()  # SIGTERM too stops with a message, running the `finally`s on the way out
     try:
         if args.command == "bench":
             from ajepa.tools import bench  # bench pretrain reads --params itself
@@ -115,9 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     except AjepaError as e:
         print(f"ajepa {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"ajepa {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"ajepa {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signals.restore()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ajepa.data.frontend import FrontEnd, normalize, pad_or_crop
 from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder
-from ajepa.train.checkpoint import load_encoder_state
+from ajepa.train.checkpoint import load_encoder_state, load_fitting
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings", "AUDIOSET_MEAN",
            "AUDIOSET_STD", "DEFAULT_ENCODER", "HOP_FRAMES"]
@@ -153,13 +153,11 @@ def load_model(model_file_path: str = "", *, mean: float = AUDIOSET_MEAN, std: f
     if model_file_path:
         if encoder_config is not None:
             raise AjepaError("encoder_config is for the random encoder; a weights file carries its own config")
+        # the metadata is parsed and its claims checked against the weights' shapes before the encoder
+        # is built: a damaged or hostile config fails in one line, without allocating what it claims
         state, config = load_encoder_state(Path(model_file_path))
         encoder = _encoder(config)
-        try:
-            encoder.load_state_dict(state)
-        except RuntimeError as e:
-            raise AjepaError(f"{model_file_path}: weights do not fit the encoder config "
-                             f"({str(e).splitlines()[0]})") from None
+        load_fitting(encoder, state, model_file_path)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
