@@ -125,16 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             print(summary)
         return 0
     except AjepaError as e:
-        print(f"ajepa {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"ajepa {args.command}: error: {e}", 2)
     except Interrupted as e:
-        print(f"ajepa {args.command}: {e}", file=sys.stderr)
-        return 128 + e.signum
+        return _fail(f"ajepa {args.command}: {e}", 128 + e.signum)
     except KeyboardInterrupt:
-        print(f"ajepa {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"ajepa {args.command}: interrupted", 130)
     finally:
         signals.restore()
+
+
+def _fail(message: str, code: int) -> int:
+    from ajepa.progress import close_bars
+    close_bars()
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

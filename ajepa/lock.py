@@ -5,6 +5,7 @@ twice) would resume from the same checkpoint and overwrite each other's. A stage
 `flock` on a file in its state folder while it runs: the kernel drops the lock when the process ends,
 however it ends, so `kill -9` leaves nothing stale to clean up. The file keeps the holder's PID so
 that the second process can say whom it waits for. It is named in `.dvcignore`: it is no output.
+Whoever takes the lock removes the temporaries a killed holder left mid-write (see ajepa.atomic).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +41,16 @@ def state_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                              "it, then rerun (it resumes from the last checkpoint)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _remove_temporaries(folder)
         yield path
     finally:
         os.close(fd)  # releases the lock; the file stays (deleting it would race with the next holder)
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """What a holder killed mid-write left (ajepa.atomic's `.NAME.*.tmp`): no one else writes here now."""
+    for tmp in folder.glob(".*.tmp"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
