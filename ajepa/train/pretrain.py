@@ -284,10 +284,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
                                   batch.masks.context.to(dist.device, non_blocking=True), targets, schedule[2],
                                   cfg.optim.grad_clip, autocast, all_reduce_mean)
         except NonFinite as e:
-            kept = f"the last good checkpoint {checkpoint} (step {saved_step}) is kept" if saved_step is not None \
-                else "no checkpoint was written yet"
-            raise AjepaError(f"{e} at step {batch.step}: stopped; {kept}; lower pretrain.optim.lr or check the "
-                             "features") from None
+            raise _non_finite(e, batch.step, checkpoint, saved_step) from None
         position_loss = trainer.position_only.loss_and_update(trainer.model.last_target, targets)
         run.step, run.tf_steps = batch.step + 1, run.tf_steps + (batch.masks.mode == "tf")
         run.seen, run.seen_since_log = run.seen + cfg.optim.batch_size, run.seen_since_log + cfg.optim.batch_size
@@ -301,22 +298,29 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
             save(trainer, checkpoint, this_run, dist, run.counters())
             saved_step = run.step
         stopped_by = max_over_ranks(stop_requested() or 0, dist.device) if stop_requested else 0
-        if stopped_by and run.step < end_step:
+        if stopped_by:
             break
     bar.close()
-    result = _finish(cfg, trainer, run, paths, dist, grid, patch_size, total_steps, start_step, checkpoint, this_run)
-    if stopped_by and run.step < end_step:
-        raise Interrupted(stopped_by, f"stopped by {signal_name(stopped_by)} after step {run.step}: checkpoint "
-                                      f"{checkpoint} saved; rerun to resume from it")
-    return result
+    return _finish(cfg, trainer, run, paths, dist, grid, patch_size, total_steps, start_step, checkpoint, this_run,
+                   stopped_by if run.step < end_step else 0)
+
+
+def _non_finite(e: NonFinite, step: int, checkpoint: Path, saved_step: int | None) -> AjepaError:
+    kept = f"the last good checkpoint {checkpoint} (step {saved_step}) is kept" if saved_step is not None \
+        else "no checkpoint was written yet"
+    return AjepaError(f"{e} at step {step}: stopped; {kept}; lower pretrain.optim.lr or check the features")
 
 
 def _finish(cfg, trainer: Trainer, run: RunState, paths: PretrainPaths, dist: DistInfo, grid, patch_size: int,
-            total_steps: int, start_step: int, checkpoint: Path, this_run: str) -> PretrainResult:
-    """Save the final state, export both encoders when the run is complete, and sum it up."""
+            total_steps: int, start_step: int, checkpoint: Path, this_run: str, stopped_by: int) -> PretrainResult:
+    """Save the final state, export both encoders when the run is complete, and sum it up; or, when a
+    signal (`stopped_by`) ended it early, raise Interrupted once the state is saved."""
     counters = run.counters()
     seconds = counters["seconds"]
     save(trainer, checkpoint, this_run, dist, counters)
+    if stopped_by:
+        raise Interrupted(stopped_by, f"stopped by {signal_name(stopped_by)} after step {run.step}: checkpoint "
+                                      f"{checkpoint} saved; rerun to resume from it")
     if dist.is_main and run.step == total_steps:
         for which, path in paths.encoders.items():
             export_encoder(path, getattr(trainer.model, f"{which}_encoder"), encoder_config(cfg, grid, patch_size))
