@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -35,13 +36,19 @@ def state_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise AjepaError(f"{folder} is in use by another {what} (PID {holder}); wait for it to end or stop "
                              "it, then rerun (it resumes from the last checkpoint)") from None
+        except OSError as e:  # a file system without locks (some Lustre or NFS mounts): run, but say so
+            locked = False
+            print(f"{what}: warning: cannot lock {folder} ({e.strerror}); do not start a second {what} on it "
+                  "until this one ends", file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _remove_temporaries(folder)
+        if locked:
+            _remove_temporaries(folder)
         yield path
     finally:
         os.close(fd)  # releases the lock; the file stays (deleting it would race with the next holder)
