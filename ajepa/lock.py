@@ -3,8 +3,9 @@
 Two `ajepa pretrain` at once (a `dvc repro` and a `snakemake` started side by side, or a job submitted
 twice) would resume from the same checkpoint and overwrite each other's. A stage holds an exclusive
 `flock` on a file in its state folder while it runs: the kernel drops the lock when the process ends,
-however it ends, so `kill -9` leaves nothing stale to clean up. The file keeps the holder's PID so
-that the second process can say whom it waits for. It is named in `.dvcignore`: it is no output.
+however it ends, so `kill -9` leaves nothing stale to clean up. While the lock is held the file
+holds the holder's PID, so that a second process can say whom it waits for; it is emptied on release,
+so every finished run leaves the same empty file. It is named in `.dvcignore`: it is no output.
 Whoever takes the lock removes the temporaries a killed holder left mid-write (see ajepa.atomic).
 """
 
@@ -33,6 +34,7 @@ def state_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,15 +44,16 @@ def state_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
             raise AjepaError(f"{folder} is in use by another {what} (PID {holder}); wait for it to end or stop "
                              "it, then rerun (it resumes from the last checkpoint)") from None
         except OSError as e:  # a file system without locks (some Lustre or NFS mounts): run, but say so
-            locked = False
             print(f"{what}: warning: cannot lock {folder} ({e.strerror}); do not start a second {what} on it "
                   "until this one ends", file=sys.stderr)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             _remove_temporaries(folder)
         yield path
     finally:
+        if locked:  # empty again: a finished run leaves the same (empty) file whoever ran it
+            os.ftruncate(fd, 0)
         os.close(fd)  # releases the lock; the file stays (deleting it would race with the next holder)
 
 
