@@ -7,10 +7,21 @@ import argparse
 import sys
 
 from ajepa import __version__
-from ajepa.errors import AjepaError
+from ajepa.errors import AjepaError, Interrupted
+from ajepa.interrupt import StopSignals
 
 # what `pip install -e '.[pipeline]'` adds to the library: a stage that needs one names the remedy
 PIPELINE_MODULES = {"dvc", "dvclive", "snakemake", "matplotlib", "ruamel"}
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def _add_embed(sub) -> None:
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset", help="a dataset of pretrain.datasets")
 
     s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; works under torchrun)")
-    s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+    s.add_argument("--stop-after", type=_at_least_one, default=None, metavar="STEPS",
                    help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
 
     s = sub.add_parser("linear", help="frozen-encoder linear evaluation on a benchmark (plus baselines)")
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signals = StopSignals().install()  # SIGTERM too stops with a message, running the `finally`s on the way out
     try:
         if args.command == "bench":
             from ajepa.tools import bench  # bench pretrain reads --params itself
@@ -143,17 +155,25 @@ def main(argv: list[str] | None = None) -> int:
             print(summary)
         return 0
     except AjepaError as e:
-        print(f"ajepa {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"ajepa {args.command}: error: {e}", 2)
+    except Interrupted as e:
+        return _fail(f"ajepa {args.command}: {e}", 128 + e.signum)
     except ModuleNotFoundError as e:
         if e.name.split(".")[0] not in PIPELINE_MODULES:
             raise
-        print(f"ajepa {args.command}: error: no module {e.name}: install the pipeline tools "
-              "(pip install -e '.[pipeline]')", file=sys.stderr)
-        return 2
+        return _fail(f"ajepa {args.command}: error: no module {e.name}: install the pipeline tools "
+                     "(pip install -e '.[pipeline]')", 2)
     except KeyboardInterrupt:
-        print(f"ajepa {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"ajepa {args.command}: interrupted", 130)
+    finally:
+        signals.restore()
+
+
+def _fail(message: str, code: int) -> int:
+    from ajepa.progress import close_bars
+    close_bars()
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ type or an impossible value raises ConfigError with one line naming the key and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -538,6 +539,8 @@ def _build(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _bad(key, value, "must be a number")
+        if not math.isfinite(value):  # YAML's .nan and .inf pass as floats and slip past every `< 0` check
+            _bad(key, value, "must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

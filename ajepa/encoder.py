@@ -41,6 +41,7 @@ from ajepa.data.frontend import FrontEnd, normalize, pad_or_crop
 from ajepa.errors import AjepaError
 from ajepa.export import read_export
 from ajepa.models import SpectrogramEncoder, pool_tokens, time_patch_embeddings
+from ajepa.train.checkpoint import load_fitting
 
 __all__ = ["AudioEncoder", "load_encoder", "spectrogram_encoder", "HOP_FRAMES"]
 
@@ -198,10 +199,7 @@ def load_encoder(path: str | os.PathLike = "models/pretrain", encoder: str | Non
                              f"{arch['patch_size']}")
         arch["grid"] = [target_length // arch["patch_size"], arch["grid"][1]]
     model = spectrogram_encoder(arch)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise AjepaError(f"{where}: weights do not fit the encoder config ({str(e).splitlines()[0]})") from None
+    load_fitting(model, state, str(where))  # one line naming the export when a tensor does not fit
     stats = config.get("normalisation") or {}
     mean, std = stats.get("mean") if mean is None else mean, stats.get("std") if std is None else std
     if mean is None or std is None:

@@ -7,3 +7,12 @@ class AjepaError(Exception):
 
 class ConfigError(AjepaError):
     """A bad params.yaml key, type or value."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a stage. A KeyboardInterrupt, so that no `except Exception` on the way up
+    swallows it; the CLI prints its one line and exits 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -58,9 +58,11 @@ def test_snakemake_refuses_parameters_that_params_yaml_does_not_hold(tmp_path):
 # Modules that decide how parameters are read, where and how files are written, how progress is
 # shown and how many cores run it, not what a stage computes: depending on them would rerun the
 # whole pipeline on any edit. The package's __init__ holds the version and imports `load_encoder`
-# on first use, for users.
+# on first use, for users. The run's guards are infrastructure too: the state-folder lock, the signal
+# handling and the finiteness checks stop a run or let it go on, and never change what it computes.
 INFRASTRUCTURE = {"ajepa/__init__.py", "ajepa/config.py", "ajepa/errors.py", "ajepa/atomic.py", "ajepa/paths.py",
-                  "ajepa/progress.py", "ajepa/cpus.py"}
+                  "ajepa/progress.py", "ajepa/cpus.py", "ajepa/lock.py", "ajepa/interrupt.py",
+                  "ajepa/train/finite.py"}
 
 
 # Imported but not run by the stage: the feature store imports manifest.STATS_SPLITS for extraction

@@ -10,7 +10,7 @@ import torch
 from ajepa.downstream.metrics import SECONDARY
 from ajepa.models import SpectrogramEncoder
 from ajepa.export import read_export
-from ajepa.train.checkpoint import file_sha256
+from ajepa.train.checkpoint import file_sha256, load_fitting
 
 __all__ = ["build_encoder", "file_sha256", "summarize", "summary_lines", "ENCODER_KEYS"]
 
@@ -25,13 +25,13 @@ def build_encoder(path: Path, grid: tuple[int, int], random_init: bool = False, 
     The position embedding is a fixed function of the grid (not stored), so an encoder pretrained on
     one clip length loads on another."""
     _, state, config = read_export(path)
-    arch = config["architecture"]
-    kwargs = {k: arch[k] for k in ENCODER_KEYS}
-    kwargs["drop_path"] = arch["drop_path"] if drop_path is None else drop_path
+    arch = config["architecture"]  # checked against the weights
+    kwargs = {k: arch[k] for k in ENCODER_KEYS if k in arch}
+    kwargs["drop_path"] = arch.get("drop_path", 0.0) if drop_path is None else drop_path
     torch.manual_seed(seed)
     encoder = SpectrogramEncoder(tuple(grid), **kwargs)
     if not random_init:
-        encoder.load_state_dict(state)
+        load_fitting(encoder, state, str(path))
     return encoder
 
 

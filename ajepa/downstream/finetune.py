@@ -41,8 +41,10 @@ from ajepa.data.augment import add_noise, mix_targets, mixup_draws, power_mix, r
 from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder, set_activation_checkpointing
+from ajepa.train.checkpoint import (check_state, load_checkpoint, load_fitting, load_optimizer, restoring, rng_state,
+                                    save_checkpoint, set_rng_state)
 from ajepa.train.compute import accumulate, fits_in_cuda_memory, resolve_micro_batch
-from ajepa.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ajepa.train.finite import NonFinite, check_loss, check_weights
 from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
 __all__ = ["Classifier", "augment", "spec_augment", "mixup_partners", "finetune_run", "RunResult", "PROBE_L2"]
@@ -232,13 +234,17 @@ class FinetuneState:
         state = load_checkpoint(state_path, map_location="cpu")
         if state.get("run_hash") != run_hash:
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr.load_state_dict(state["lr"])
-        set_rng_state(state["rng"])
-        self.epoch, self.best_score, self.best_epoch = int(state["epoch"]), float(state["best_score"]), \
-            int(state["best_epoch"])
-        self.best_state, self.history = state["best_state"], list(state["history"])
+        with restoring(state_path):
+            load_fitting(self.model, state["model"], f"{state_path} [model]")
+            if state["best_state"] is not None:  # loaded only at the end: checked now, not after the last epoch
+                check_state({k: v.shape for k, v in self.model.state_dict().items()}, state["best_state"],
+                            f"{state_path} [best_state]")
+            load_optimizer(self.optimizer, state["optimizer"], f"{state_path} [optimizer]")
+            self.lr.load_state_dict(state["lr"])
+            set_rng_state(state["rng"])
+            self.epoch, self.best_score, self.best_epoch = int(state["epoch"]), float(state["best_score"]), \
+                int(state["best_epoch"])
+            self.best_state, self.history = state["best_state"], list(state["history"])
 
 
 def build(encoder: SpectrogramEncoder, task: Task, split: EvalSplit, cfg: FinetuneConfig,
@@ -269,9 +275,11 @@ def train_step(run: FinetuneState, x: torch.Tensor, y: torch.Tensor, cfg: Finetu
         return _loss(logits.float(), y[rows], cfg.loss)
 
     run.optimizer.zero_grad(set_to_none=True)
-    loss = accumulate(run.model, len(x), run.micro_batch, loss_of)
+    value = float(accumulate(run.model, len(x), run.micro_batch, loss_of))
+    check_loss(value)  # before the update: the model keeps its last finite state
     run.optimizer.step()
-    return float(loss)
+    check_weights(run.model)
+    return value
 
 
 def configure_compute(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneConfig,
@@ -339,7 +347,11 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
     bar = progress((cfg.epochs - run.epoch) * run.steps_per_epoch, f"finetune {name}", "step",
                    enabled=enable_progress)
     while run.epoch < cfg.epochs:
-        train_loss = train_epoch(run, task, split, cfg, device, autocast, bar)
+        try:
+            train_loss = train_epoch(run, task, split, cfg, device, autocast, bar)
+        except NonFinite as e:
+            raise AjepaError(f"finetune {name}: {e} in epoch {run.epoch + 1}: stopped; {_kept(state_path, run)}; "
+                             "lower the benchmark's finetune lr") from None
         lr_now = run.lr.value(run.lr.current_step - 1)  # the last step's
         val = task.selection_score(task.y[split.val], predict(run.model, task, split.val, cfg.batch_size * 2,
                                                                device, autocast))
@@ -358,6 +370,12 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
     scores = torch.sigmoid(logits) if task.multi_label else torch.softmax(logits, dim=1)
     return RunResult(name, task.score(task.y[split.test], logits), run.best_epoch, run.best_score,
                      split.test.tolist(), scores.tolist(), time.perf_counter() - t0, run.history)
+
+
+def _kept(state_path: Path, run: FinetuneState) -> str:
+    if run.epoch and state_path.exists():
+        return f"the last good checkpoint {state_path} (after epoch {run.epoch}) is kept"
+    return "no checkpoint was written yet"
 
 
 def result_dict(r: RunResult) -> dict:

@@ -123,7 +123,8 @@ _norm = partial(nn.LayerNorm, eps=1e-6)
 
 
 def _drop_path_rates(drop_path: float, depth: int) -> list[float]:
-    return [x.item() for x in torch.linspace(0, drop_path, depth)]  # stochastic depth decay rule
+    # stochastic depth decay rule; on the CPU even when the model is built on the meta device (shape checks)
+    return [x.item() for x in torch.linspace(0, drop_path, depth, device="cpu")]
 
 
 class SpectrogramEncoder(nn.Module):

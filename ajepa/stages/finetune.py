@@ -20,6 +20,7 @@ from ajepa.downstream.finetune import finetune_run, result_dict
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS
+from ajepa.lock import state_lock
 from ajepa.stages.tracking import open_live
 from ajepa.train.checkpoint import config_hash
 from ajepa.train.compute import without_compute_keys
@@ -28,6 +29,12 @@ INITS = {"pretrained": "finetune", "random_init": "finetune_random_init"}
 
 
 def run(params: Params, benchmark: str) -> str:
+    params.recipe(benchmark)  # an unknown benchmark fails here, before a state folder is made for it
+    with state_lock(paths.finetune_state_dir(benchmark), f"ajepa finetune {benchmark}"):
+        return _run(params, benchmark)
+
+
+def _run(params: Params, benchmark: str) -> str:
     cfg = params.recipe(benchmark)
     encoder_path = paths.pretrained_encoder(params.downstream.encoder)
     if not encoder_path.exists():

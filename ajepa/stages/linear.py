@@ -26,6 +26,7 @@ from ajepa.downstream.linear import (cached_embeddings, embed, embed_tokens, eva
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS, read_export
+from ajepa.lock import state_lock
 from ajepa.train.checkpoint import config_hash
 
 ENCODERS = ("target", "context")
@@ -103,6 +104,11 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
 
 def run(params: Params, benchmark: str) -> str:
     params.recipe(benchmark)  # an unknown benchmark fails here, with the known ones listed
+    with state_lock(paths.embeddings_dir(benchmark), f"ajepa linear {benchmark}"):
+        return _run(params, benchmark)
+
+
+def _run(params: Params, benchmark: str) -> str:
     cfg, chosen = params.linear, params.downstream.encoder
     encoder_paths = {which: paths.pretrained_encoder(which) for which in ENCODERS}
     for path in encoder_paths.values():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ajepa import paths
@@ -9,6 +11,8 @@ from ajepa.atomic import write_json
 from ajepa.config import Params
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.errors import AjepaError
+from ajepa.interrupt import StopSignals
+from ajepa.lock import state_lock
 from ajepa.masks import block_masks, time_frequency_masks
 from ajepa.plots import plot_masks
 from ajepa.stages.pool import check as check_pool
@@ -59,12 +63,17 @@ def run(params: Params, stop_after: int | None = None) -> str:
     cfg = params.pretrain
     store = pool(params)
     dist = init_distributed()
+    lock = contextlib.ExitStack()
     try:
+        if dist.is_main:  # the one process that writes the state (every rank would lock out the others)
+            lock.enter_context(state_lock(paths.pretrain_state_dir(), "ajepa pretrain"))
         out = output_paths()
         if dist.is_main:
             _draw_masks(cfg, store, out)
         evaluate = learning_curve(params, dist.device) if dist.is_main else None
-        r = pretrain(cfg, store, out, dist, open_log=open_live(paths.pretrain_live_dir()), stop_after=stop_after, evaluate=evaluate)
+        with StopSignals(deferred=True) as stop:  # SIGINT/SIGTERM: save at the next step boundary, then stop
+            r = pretrain(cfg, store, out, dist, open_log=open_live(paths.pretrain_live_dir()), stop_after=stop_after,
+                         evaluate=evaluate, stop_requested=stop.requested)
         if dist.is_main:
             write_json(out.metrics, {"steps": r.steps, "final_loss": r.final_loss, "tf_fraction": r.tf_fraction,
                                      "target_rank": round(r.target_rank, 2),
@@ -72,6 +81,7 @@ def run(params: Params, stop_after: int | None = None) -> str:
                                      "probe_seconds": round(r.probe_seconds, 1), "world_size": dist.world_size,
                                      "device": str(dist.device)})
     finally:
+        lock.close()
         cleanup()
     if not dist.is_main:
         return ""

@@ -10,10 +10,12 @@ metadata: no pickle at all, loadable without this package.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import re
 from collections import OrderedDict
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ from ajepa.atomic import atomic_path
 from ajepa.errors import AjepaError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "export_encoder",
-           "load_encoder_state", "config_hash", "file_sha256"]
+           "load_encoder_state", "config_hash", "file_sha256", "check_state", "load_fitting", "load_optimizer",
+           "restoring"]
 
 ENCODER_FORMAT = "ajepa-encoder/1"
 # Exact types: subclasses such as numpy.float64 (a float) or defaultdict (a dict) pickle as their own
@@ -90,6 +93,53 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict):
         raise AjepaError(f"{path}: not an ajepa checkpoint (holds a {type(state).__name__}, not a dict)")
     return state
+
+
+def check_state(expected: dict[str, torch.Size], state, source: str) -> None:
+    """One line naming the first key a state dict lacks, should not have, or holds in another shape
+    (torch's own report spans many lines and names no file)."""
+    if not isinstance(state, dict):
+        raise AjepaError(f"{source}: not a state dict (holds a {type(state).__name__})")
+    for what, keys in (("missing key", [k for k in expected if k not in state]),
+                       ("unexpected key", [k for k in state if k not in expected])):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise AjepaError(f"{source}: {what} {keys[0]!r}{more}: not a state of this model")
+    for key, shape in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != shape:
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise AjepaError(f"{source}: {key!r} is {got}, the model expects {list(shape)}")
+
+
+def load_fitting(module: nn.Module, state, source: str) -> None:
+    """`module.load_state_dict(state)`, after :func:`check_state` against the module's own state."""
+    check_state({k: v.shape for k, v in module.state_dict().items()}, state, source)
+    module.load_state_dict(state)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state, source: str) -> None:
+    """`optimizer.load_state_dict(state)`, then check that every moment has its parameter's shape: torch
+    loads a wrong one without a word and fails at the next step."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise AjepaError(f"{source}: optimizer {name!r} is {list(value.shape)}, its parameter "
+                                     f"{list(p.shape)}")
+
+
+@contextlib.contextmanager
+def restoring(path: str | os.PathLike):
+    """Around loading a checkpoint's parts into a run: what a damaged or foreign checkpoint makes
+    `load_state_dict` and friends raise becomes one line naming the file."""
+    try:
+        yield
+    except KeyError as e:
+        raise AjepaError(f"{path}: missing key {e.args[0]!r}: not a checkpoint this run can resume") from None
+    except (ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
+        raise AjepaError(f"{path}: does not fit this run ({_first_line(e)})") from None
 
 
 def rng_state() -> dict:
@@ -158,10 +208,55 @@ def load_encoder_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AjepaError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from e
-    info = json.loads(metadata.get("ajepa", "{}"))
-    if info.get("format") != ENCODER_FORMAT or "config" not in info:
-        raise AjepaError(f"{path}: not an ajepa encoder export (metadata format {info.get('format')!r})")
+    try:
+        info = json.loads(metadata.get("ajepa", "{}"))
+    except json.JSONDecodeError as e:
+        raise AjepaError(f"{path}: the ajepa metadata is not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != ENCODER_FORMAT or not isinstance(info.get("config"), dict):
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise AjepaError(f"{path}: not an ajepa encoder export (metadata format {found!r})")
+    _check_encoder(path, tensors, info["config"])
     return tensors, info["config"]
+
+
+# What an export's config says, by type; `grid` is [time patches, frequency patches]. Every export
+# has them all; the last two may be left to SpectrogramEncoder's defaults in a hand-written config.
+ENCODER_ARCH = {"grid": list, "embed_dim": int, "depth": int, "num_heads": int, "patch_size": int,
+                "mlp_ratio": float}
+OPTIONAL_ARCH = ("patch_size", "mlp_ratio")
+MAX_PATCHES = 1 << 16  # 21 min of audio at 128 mel bins: a larger grid is a damaged config, not a model
+
+
+def _positive(value, kind: type) -> bool:
+    if kind is list:
+        return isinstance(value, list) and len(value) == 2 and all(_positive(v, int) for v in value)
+    return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and value > 0
+
+
+def _check_encoder(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """The config's claims against the weights, before anyone builds the model it describes: a small
+    file claiming a deep or wide encoder must fail here, not after allocating that encoder."""
+    for key, kind in ENCODER_ARCH.items():
+        value = config.get(key)
+        if not (key in OPTIONAL_ARCH and key not in config) and not _positive(value, kind):
+            what = "[time, frequency] pair of positive integers" if key == "grid" else f"positive {kind.__name__}"
+            raise AjepaError(f"{path}: encoder config {key} = {value!r}: missing or not a {what}")
+    if config["grid"][0] * config["grid"][1] > MAX_PATCHES:
+        raise AjepaError(f"{path}: encoder config grid = {config['grid']}: more than {MAX_PATCHES} patches")
+    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
+    width = tensors.get("patch_embed.proj.weight")
+    if config["depth"] != len(blocks) or width is None or width.shape[0] != config["embed_dim"]:
+        raise AjepaError(f"{path}: weights do not fit the config: it claims depth {config['depth']} and width "
+                         f"{config['embed_dim']}, the weights hold {len(blocks)} block(s) of width "
+                         f"{'?' if width is None else width.shape[0]}")
+    from ajepa.models import SpectrogramEncoder
+    kwargs = {k: config[k] for k in ENCODER_ARCH if k in config} | {"grid": tuple(config["grid"])}
+    try:
+        with torch.device("meta"):  # shapes only: no memory, however large the claim
+            expected = {k: v.shape for k, v in SpectrogramEncoder(**kwargs).state_dict().items()}
+    except (AssertionError, ValueError, RuntimeError, TypeError) as e:
+        raise AjepaError(f"{path}: the encoder config does not build ({_first_line(e)})") from None
+    check_state(expected, tensors, str(path))
 
 
 def _jsonable(obj):

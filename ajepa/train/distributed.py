@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ajepa.errors import AjepaError
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_mean"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_mean", "max_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,13 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         return out
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(dist.get_world_size())
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest `value` of all ranks (itself when single-process), so that every rank takes the same
+    branch (e.g. stop here because one of them was signalled). Every rank must call it, in the same order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    out = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out.item())

@@ -11,7 +11,6 @@ whose gradients add up to the batch's (ajepa.train.compute); the rest still happ
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,15 +23,18 @@ from torch.nn.parallel import DistributedDataParallel
 from ajepa.config import PretrainConfig
 from ajepa.data.loader import pretrain_augment, pretrain_loader
 from ajepa.data.store import FeatureStore, StoreUnion, training_statistics
-from ajepa.errors import AjepaError
+from ajepa.errors import AjepaError, Interrupted
 from ajepa.export import write_export
+from ajepa.interrupt import signal_name
 from ajepa.masks import MaskGenerator
 from ajepa.models import AJEPA, PositionOnlyPredictor, effective_rank, set_activation_checkpointing
 from ajepa.progress import progress
-from ajepa.train.checkpoint import config_hash, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ajepa.train.checkpoint import (config_hash, load_checkpoint, load_fitting, load_optimizer, restoring, rng_state,
+                                    save_checkpoint, set_rng_state)
 from ajepa.train.compute import (accumulate, compile_blocks, fits_in_cuda_memory, min_over_processes,
                                  resolve_micro_batch, without_compute_keys)
-from ajepa.train.distributed import DistInfo, all_reduce_mean
+from ajepa.train.distributed import DistInfo, all_reduce_mean, max_over_ranks
+from ajepa.train.finite import NonFinite, check_loss, check_weights
 from ajepa.train.schedules import CosineWeightDecay, LinearMomentum, WarmupCosine, param_groups
 
 Log = Callable[[int, dict], None]  # log(step, metrics)
@@ -74,12 +76,13 @@ class Trainer:
                 "lr": self.lr.state_dict(), "wd": self.wd.state_dict(), "momentum": self.momentum.state_dict(),
                 "position_only": self.position_only.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Load `state`; a part that does not fit fails in one line naming `source` and the key."""
+        load_fitting(self.model, state["model"], f"{source} [model]")
+        load_optimizer(self.optimizer, state["optimizer"], f"{source} [optimizer]")
         for key in ("lr", "wd", "momentum"):
             getattr(self, key).load_state_dict(state[key])
-        self.position_only.load_state_dict(state["position_only"])
+        load_fitting(self.position_only, state["position_only"], f"{source} [position_only]")
 
 
 def encoder_config(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int) -> dict:
@@ -132,10 +135,6 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-class NonFiniteLoss(ArithmeticError):
-    pass
-
-
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, context: torch.Tensor,
                targets: torch.Tensor, momentum: float, grad_clip: float = 0.0, autocast=None,
                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, micro_batch: int | None = None) -> float:
@@ -143,7 +142,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     step, EMA update of the target encoder. `model` may be DDP-wrapped; `reduce` averages the loss over
     processes. With `micro_batch` the rows go through forward/backward that many at a time and the
     gradients accumulate (ajepa.train.compute), still one optimiser and EMA step. Returns the (global)
-    loss; a non-finite one raises NonFiniteLoss before any update of the model."""
+    loss; a non-finite loss raises NonFinite before any update, non-finite weights after the optimiser
+    step raise it before the EMA (every rank sees the same loss and weights)."""
     bare = model.module if isinstance(model, DistributedDataParallel) else model
     kept = []
 
@@ -158,11 +158,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     if len(kept) > 1:  # the diagnostics read the whole batch's targets
         bare.last_target = torch.cat(kept)
     value = (reduce(loss) if reduce else loss).item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(value)
+    check_loss(value)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(bare.parameters(), grad_clip)
     optimizer.step()
+    check_weights(bare)
     bare.update_target(momentum)
     return value
 
@@ -214,12 +214,13 @@ def resume(trainer: Trainer, checkpoint: Path, this_run: str, dist: DistInfo) ->
         if dist.is_main:
             print(f"pretrain: {checkpoint} is from other parameters or data; starting afresh")
         return None
-    trainer.load_state_dict(state)
-    set_rng_state(state["rng"][dist.rank])  # one state per rank: each draws its own dropout
-    # the clock of the processes before this one (absent from checkpoints written before it was kept)
-    clock = {"seen": state.get("seen", 0), "probing": state.get("probe_seconds", 0.0),
-             "seconds_before": state.get("seconds", 0.0)}
-    return {k: state[k] for k in ("step", "tf_steps", "loss", "target_rank")} | clock
+    with restoring(checkpoint):
+        trainer.load_state_dict(state, str(checkpoint))
+        set_rng_state(state["rng"][dist.rank])  # one state per rank: each draws its own dropout
+        # the clock of the processes before this one (absent from checkpoints written before it was kept)
+        clock = {"seen": state.get("seen", 0), "probing": state.get("probe_seconds", 0.0),
+                 "seconds_before": state.get("seconds", 0.0)}
+        return {k: state[k] for k in ("step", "tf_steps", "loss", "target_rank")} | clock
 
 
 def save(trainer: Trainer, checkpoint: Path, this_run: str, dist: DistInfo, counters: dict) -> None:
@@ -297,10 +298,21 @@ def _metrics(cfg: PretrainConfig, trainer: Trainer, run: RunState, position_loss
     return metrics
 
 
+def _loader(cfg: PretrainConfig, store: FeatureStore | StoreUnion, dist: DistInfo, total_steps: int, start_step: int,
+            end_step: int):
+    """This process's batches of steps start_step..end_step, masks and augmentation drawn from the seed."""
+    return pretrain_loader(store, cfg.optim.batch_size // dist.world_size,
+                           build_mask_generator(cfg, tuple(store.stats["grid"]), total_steps), cfg.seed,
+                           start_step=start_step, total_steps=end_step, num_workers=cfg.num_workers, rank=dist.rank,
+                           world_size=dist.world_size,
+                           augment=pretrain_augment(store, cfg.augment.roll, cfg.augment.magnitude, cfg.seed))
+
+
 def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: PretrainPaths, dist: DistInfo,
              open_log: OpenLog | None = None, stop_after: int | None = None,
              on_step: Callable[[int, float], None] | None = None,
-             evaluate: Callable[[int, AJEPA], dict] | None = None, enable_progress: bool = True) -> PretrainResult:
+             evaluate: Callable[[int, AJEPA], dict] | None = None, enable_progress: bool = True,
+             stop_requested: Callable[[], int | None] | None = None) -> PretrainResult:
     """Train (or resume) to the configured number of steps; rank 0 logs and writes every output.
 
     `open_log(start_step)` returns the `log(step, metrics)` that receives the training metrics every
@@ -309,7 +321,8 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
     `stop_after` ends the run early after that many steps as if interrupted (tests, time-boxed jobs);
     `on_step(step, loss)` sees every step's globally averaged loss; `evaluate(steps_done, model)`, on
     rank 0 every `cfg.probe.every` steps and at the end, returns metrics logged with the others (the
-    learning-curve probe).
+    learning-curve probe); `stop_requested()`, asked after every step, returns a signal number when the
+    run should save and stop there (ajepa.interrupt): it then raises Interrupted once the checkpoint is saved.
     """
     grid, patch_size = tuple(store.stats["grid"]), int(store.stats["patch_size"])
     steps_per_epoch = _check_batch(cfg, store, dist)
@@ -320,15 +333,12 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
     start_step, saved_step = run.step, run.step or None
     log = open_log(start_step) if open_log and dist.is_main else (lambda step, metrics: None)
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
-    loader = pretrain_loader(store, cfg.optim.batch_size // dist.world_size,
-                             build_mask_generator(cfg, grid, total_steps), cfg.seed, start_step=start_step,
-                             total_steps=end_step, num_workers=cfg.num_workers, rank=dist.rank,
-                             world_size=dist.world_size,
-                             augment=pretrain_augment(store, cfg.augment.roll, cfg.augment.magnitude, cfg.seed))
+    loader = _loader(cfg, store, dist, total_steps, start_step, end_step)
     micro = configure_compute(cfg, trainer, dist, grid, patch_size, total_steps)
     train_model, autocast = _distributed(trainer.model, dist), autocast_for(dist.device)
     trainer.model.train()
     bar = progress(end_step - start_step, "pretrain", "step", enabled=enable_progress and dist.is_main)
+    stopped_by = 0
     for batch in loader:
         schedule = trainer.lr.step(), trainer.wd.step(), trainer.momentum.step()
         targets = batch.masks.targets.to(dist.device, non_blocking=True)
@@ -336,11 +346,8 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
             run.loss = train_step(train_model, trainer.optimizer, batch.x.to(dist.device, non_blocking=True),
                                   batch.masks.context.to(dist.device, non_blocking=True), targets, schedule[2],
                                   cfg.optim.grad_clip, autocast, all_reduce_mean, micro)
-        except NonFiniteLoss as e:
-            kept = f"the last good checkpoint {checkpoint} (step {saved_step}) is kept" if saved_step is not None \
-                else "no checkpoint was written yet"
-            raise AjepaError(f"non-finite loss ({e}) at step {batch.step}: stopped before updating the model; "
-                             f"{kept}; lower pretrain.optim.lr or check the features") from None
+        except NonFinite as e:
+            raise _non_finite(e, batch.step, checkpoint, saved_step) from None
         position_loss = trainer.position_only.loss_and_update(trainer.model.last_target, targets)
         run.step, run.tf_steps = batch.step + 1, run.tf_steps + (batch.masks.mode == "tf")
         run.seen, run.seen_since_log = run.seen + cfg.optim.batch_size, run.seen_since_log + cfg.optim.batch_size
@@ -353,17 +360,30 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
         if run.step % cfg.checkpoint_every == 0 and run.step < end_step:
             save(trainer, checkpoint, this_run, dist, run.counters())
             saved_step = run.step
+        stopped_by = max_over_ranks(stop_requested() or 0, dist.device) if stop_requested else 0
+        if stopped_by:
+            break
     bar.close()
     return _finish(trainer, run, paths, dist, export_config(cfg, store, total_steps), start_step, checkpoint,
-                   this_run)
+                   this_run, stopped_by if run.step < end_step else 0)
+
+
+def _non_finite(e: NonFinite, step: int, checkpoint: Path, saved_step: int | None) -> AjepaError:
+    kept = f"the last good checkpoint {checkpoint} (step {saved_step}) is kept" if saved_step is not None \
+        else "no checkpoint was written yet"
+    return AjepaError(f"{e} at step {step}: stopped; {kept}; lower pretrain.optim.lr or check the features")
 
 
 def _finish(trainer: Trainer, run: RunState, paths: PretrainPaths, dist: DistInfo, export: dict, start_step: int,
-            checkpoint: Path, this_run: str) -> PretrainResult:
-    """Save the final state, export both encoders when the run is complete, and sum it up."""
+            checkpoint: Path, this_run: str, stopped_by: int) -> PretrainResult:
+    """Save the final state, export both encoders when the run is complete, and sum it up; or, when a
+    signal (`stopped_by`) ended it early, raise Interrupted once the state is saved."""
     counters = run.counters()
     seconds = counters["seconds"]
     save(trainer, checkpoint, this_run, dist, counters)
+    if stopped_by:
+        raise Interrupted(stopped_by, f"stopped by {signal_name(stopped_by)} after step {run.step}: checkpoint "
+                                      f"{checkpoint} saved; rerun to resume from it")
     if dist.is_main and run.step == export["training"]["steps"]:
         for which, folder in paths.encoders.items():
             write_export(folder, getattr(trainer.model, f"{which}_encoder"), {"encoder": which, **export})
