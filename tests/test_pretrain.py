@@ -173,6 +173,7 @@ def test_torchrun_two_processes_match_one(store_dir, tmp_path):
         p = tiny_params()
         p["pretrain"]["optim"]["epochs"] = 1
         p["pretrain"]["datasets"] = ["synth"]
+        p["distributed"]["processes"] = 2 if name == "ddp" else 1  # under torchrun: no processes of its own
         (root / "params.yaml").write_text(yaml.safe_dump(p))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "ajepa.cli", "pool", "synth"], cwd=root, check=True, env=env,
