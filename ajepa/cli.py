@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    b = bench.add_parser("loader", help="pretraining data loader: clips/s per worker, workers to feed 8 H100s")
+    b.add_argument("--store", default=None, metavar="DIR",
+                   help="a feature store to read (default: a temporary one of --clips generated clips)")
+    b.add_argument("--clips", type=int, default=1024, help="clips in the temporary store (default 1024)")
+    b.add_argument("--frames", type=int, default=1024, help="frames per clip in the temporary store (default 1024)")
+    b.add_argument("--batch", type=int, default=128, help="clips per batch (default 128)")
+    b.add_argument("--steps", type=int, default=8, help="timed batches per worker count (default 8)")
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
