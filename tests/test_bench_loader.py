@@ -14,7 +14,7 @@ def test_bench_loader_on_its_own_tiny_store(capsys):
     assert r["store"] == "temporary" and r["clips"] == 24 and r["clip_shape"] == [96, 128] and r["grid"] == [6, 8]
     assert set(r["clips_per_s"]) == set(r["clips_per_s_per_worker"]) == {"1", "2"}
     assert all(v > 0 for v in r["clips_per_s"].values())
-    assert r["clips_per_s_per_worker"]["2"] == round(r["clips_per_s"]["2"] / 2, 1)
+    assert abs(r["clips_per_s_per_worker"]["2"] - r["clips_per_s"]["2"] / 2) <= 0.1  # (rounded figures)
     # the plan's rate: 633 GFLOP per clip at 35% of 989 TFLOP/s, about 547 clips/s per H100
     assert r["plan_clips_per_s_per_gpu"] == round(bench.plan_clips_per_s_per_gpu(), 1) == 546.8
     slowest = min(r["clips_per_s_per_worker"].values())
