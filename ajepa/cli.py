@@ -1,5 +1,5 @@
-"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`, `preset` and `params-doc`. The only
-argument parser."""
+"""The `ajepa` command: one subcommand per pipeline stage, plus `bench`, `preset`, `gpu-check` and `params-doc`.
+The only argument parser."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="preset name (smoke, paper) or path to a preset .yaml file")
     s.add_argument("--dry-run", action="store_true", help="list the changes without writing params.yaml")
 
+    s = sub.add_parser("gpu-check", help="one JSON object: paper-size bf16 steps (MFU, memory), 300 steps, kill and "
+                                         "resume, probes, fine-tuning, DDP on every GPU (`make gpu-check`)")
+    s.add_argument("--cpu", action="store_true",
+                   help="without CUDA, run a miniature of the checks on the CPU (as AJEPA_GPU_CHECK_CPU=1)")
+
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
     s = sub.add_parser("bench", help="measure throughput of a stage")
@@ -90,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
             print(presets.describe(args.name, args.params, changes, args.dry_run))
             return 0
+        if args.command == "gpu-check":
+            import json
+
+            from ajepa.tools import gpucheck
+            r = gpucheck.gpu_check(args.params, cpu=args.cpu)
+            print(json.dumps(r))
+            return 1 if r.get("ok") is False else 0
         if args.command == "params-doc":
             from ajepa.tools import paramdoc
             print(paramdoc.render(args.params), end="")
