@@ -20,7 +20,7 @@ from ajepa.data.store import extract_features
 from ajepa.errors import ConfigError
 from ajepa.train.checkpoint import load_encoder_state
 from ajepa.train.distributed import launched, local_processes
-from conftest import tiny_params
+from conftest import REPO, load_repo_params, make_project_copy, parse_dry_run, run, tiny_params
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -124,3 +124,39 @@ def test_bad_process_count_is_one_line(value, message):
     p["distributed"]["processes"] = value
     with pytest.raises(ConfigError, match=message):
         parse_params(p)
+
+
+def test_multinode_profile_runs_pretraining_under_srun_and_torchrun(tmp_path):
+    """The multi-node SLURM profile, rendered by a dry run: one torchrun per node under srun, meeting at a
+    c10d rendezvous on the job's first node, around dvc.yaml's own command; and the sbatch line the
+    plugin builds for it. Everything else is the one-node profile's."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    one, multi = (yaml.safe_load((REPO / f"workflow/profiles/{name}/profile.yaml").read_text())
+                  for name in ("slurm", "slurm-multinode"))
+    assert multi["set-resources"].pop("pretrain") != one["set-resources"].pop("pretrain") and one == multi
+    root = make_project_copy(tmp_path / "copy", load_repo_params())
+    out = run(["snakemake", "--profile", "workflow/profiles/slurm-multinode", "--dry-run", "--forceall"], root).stdout
+    job = next(j for j in parse_dry_run(out) if j["rule"] == "pretrain")
+    resources = dict(kv.split("=", 1) for kv in job["resources"].split(", "))
+    assert (resources["nodes"], resources["gpu"], resources["mpi"]) == ("2", "16", "srun")
+    shell = job["shell"]
+    assert shell.startswith("srun --nodes 2 --ntasks-per-node 1 ")
+    assert " torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id \"$SLURM_JOB_ID\" --rdzv_backend c10d " in shell
+    assert '--rdzv_endpoint "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)":29500' in shell
+    assert shell.endswith(f"--no-python ajepa pretrain 2> {job['log']}")  # dvc.yaml's command
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    job = SimpleNamespace(resources=Resources({k: int(v) if v.isdigit() else v for k, v in resources.items()
+                                               if k in ("nodes", "gpu", "mpi", "tasks_per_node", "cpus_per_task",
+                                                        "mem_mb", "runtime")}), threads=1, name="pretrain",
+                          wildcards={})
+    sbatch = get_submit_command(job, dict(run_uuid="u", slurm_logfile="l", comment_str="rule_pretrain", account="",
+                                          partition="", workdir=str(root))) + set_gres_string(job)
+    for flag in ("--nodes=2", "--gpus=16", "--ntasks-per-node=8", "--cpus-per-task=8"):
+        assert flag in sbatch, (flag, sbatch)
