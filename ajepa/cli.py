@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pool", help="list what pretraining takes from one dataset's features")
     s.add_argument("dataset", help="a dataset of pretrain.datasets")
 
-    s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; works under torchrun)")
+    s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; one process per GPU by itself, or under torchrun)")
     s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
 
@@ -46,15 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="preset name (smoke, paper) or path to a preset .yaml file")
     s.add_argument("--dry-run", action="store_true", help="list the changes without writing params.yaml")
 
-    s = sub.add_parser("gpu-check", help="one JSON object: paper-size bf16 steps (MFU, memory), 300 steps, kill and "
-                                         "resume, probes, fine-tuning, DDP on every GPU (`make gpu-check`)")
-    s.add_argument("--cpu", action="store_true",
-                   help="without CUDA, run a miniature of the checks on the CPU (as AJEPA_GPU_CHECK_CPU=1)")
-
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
     s = sub.add_parser("bench", help="measure throughput of a stage")
     bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    _machine_parsers(sub, bench)
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
     b.add_argument("--clips", type=int, default=200, help="clips per measurement (default 200)")
     b.add_argument("--workers", type=int, default=0, help="processes for the parallel run (0 = one per core)")
@@ -71,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def _machine_parsers(sub, bench) -> None:
+    """`gpu-check` and `bench loader`: what a machine can do for the paper's setup."""
+    s = sub.add_parser("gpu-check", help="one JSON object: paper-size bf16 steps (MFU, memory), 300 steps, kill and "
+                                         "resume, probes, fine-tuning, DDP on every GPU (`make gpu-check`)")
+    s.add_argument("--cpu", action="store_true",
+                   help="without CUDA, run a miniature of the checks on the CPU (as AJEPA_GPU_CHECK_CPU=1)")
     b = bench.add_parser("loader", help="pretraining data loader: clips/s per worker, workers to feed 8 H100s")
     b.add_argument("--store", default=None, metavar="DIR",
                    help="a feature store to read (default: a temporary one of --clips generated clips)")
@@ -80,7 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=8, help="timed batches per worker count (default 8)")
     b.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
