@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pool", help="list what pretraining takes from one dataset's features")
     s.add_argument("dataset", help="a dataset of pretrain.datasets")
 
-    s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; one process per GPU by itself, or under torchrun)")
+    s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; starts one process per GPU "
+                                        "itself, or runs under torchrun)")
     s.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
 
