@@ -163,7 +163,8 @@ def check_resume(cwd: Path, straight: dict, cuda: bool) -> dict:
     diff = encoder_difference(cwd, cwd.parent / "a")
     return {"ok": killed and from_step == killed_at > 0 and same_end(straight, resumed, _tolerance(cuda)),
             "killed": killed, "checkpoint_step": killed_at, "resumed_from_step": from_step,
-            "final_loss": resumed["metrics"]["final_loss"], "uninterrupted_final_loss": straight["metrics"]["final_loss"],
+            "final_loss": resumed["metrics"]["final_loss"],
+            "uninterrupted_final_loss": straight["metrics"]["final_loss"],
             "max_weight_difference": diff}
 
 
