@@ -37,7 +37,6 @@ from ajepa.config import parse_params
 from ajepa.tools.presets import load_preset, merge, preset_path
 
 CPU_ENV = "AJEPA_GPU_CHECK_CPU"  # set to 1: the miniature on the CPU when there is no CUDA device
-STEPS = 300  # the embedded default's recipe on the 1,600 synthetic pool clips: 3 epochs of 100 steps
 
 
 def settings(params_file: str, miniature: bool) -> dict:
@@ -83,7 +82,7 @@ def project(root: Path, params: dict, data: Path | None = None) -> Path:
 
 
 def run_pretrain(cwd: Path) -> dict:
-    """`ajepa pretrain` to the end; its metrics, logged losses and exported context encoder."""
+    """`ajepa pretrain` to the end: its seconds, logged losses, metrics and printed summary."""
     t0 = time.perf_counter()
     summary = ajepa(cwd, "pretrain")
     loss = pd.read_csv(cwd / "results/pretrain/live/plots/metrics/train/loss.tsv", sep="\t")["loss"].tolist()
@@ -227,6 +226,7 @@ def gpu_check(params_file: str = "params.yaml", cpu: bool = False) -> dict:
     t0 = time.perf_counter()
     params = settings(params_file, miniature)
     cfg = parse_params(params)
+    # 300 for the embedded default: 3 epochs of the 1,600 synthetic pool clips in batches of 16
     steps = cfg.pretrain.optim.epochs * (cfg.dataset("synth").prepare.pool_clips // cfg.pretrain.optim.batch_size)
     r = {"cuda": cuda, "miniature": miniature, "torch": torch.__version__,
          "device": torch.cuda.get_device_name(0) if cuda else "cpu", "gpus": torch.cuda.device_count()}
