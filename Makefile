@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # dvc.yaml and the Snakefile call `ajepa`, `dvc` and `snakemake` by name: put the venv first
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test snakemake check clean
+.PHONY: install run test snakemake check gpu-check clean
 
 # Reinstall when the dependency list changes; the stamp keeps `make test` fast otherwise.
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,11 @@ snakemake: install
 check: install
 	snakemake --lint
 	ajepa params-doc | diff -u docs/parameters.md -
+
+# on a GPU machine, in minutes: paper-size bf16 steps (MFU, memory), 300 steps, kill and resume, probes,
+# fine-tuning, DDP on every GPU; one JSON object (docs/cluster.md). Without CUDA it says so and passes.
+gpu-check: install
+	ajepa gpu-check
 
 # what the pipeline rebuilds; data/downloads/ (the fetched archives: VoxCeleb alone is ~30 GB) stays
 clean:

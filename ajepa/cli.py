@@ -1,5 +1,5 @@
-"""The `ajepa` command: one subcommand per pipeline stage, plus `embed`, `bench`, `preset` and `params-doc`. The only
-argument parser."""
+"""The `ajepa` command: one subcommand per pipeline stage, plus `embed`, `bench`, `preset`, `gpu-check` and
+`params-doc`. The only argument parser."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pool", help="list what pretraining takes from one dataset's features")
     s.add_argument("dataset", help="a dataset of pretrain.datasets")
 
-    s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; works under torchrun)")
+    s = sub.add_parser("pretrain", help="A-JEPA self-supervised pretraining (resumes; starts one process per GPU "
+                                        "itself, or runs under torchrun)")
     s.add_argument("--stop-after", type=_at_least_one, default=None, metavar="STEPS",
                    help="stop after this many steps, keeping a resumable checkpoint (time-boxed jobs)")
 
@@ -83,8 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
 
+    _add_bench(sub)
+    return p
+
+
+def _add_bench(sub) -> None:
     s = sub.add_parser("bench", help="measure throughput of a stage")
     bench = s.add_subparsers(dest="bench", required=True, metavar="WHAT", help="what to measure")
+    _machine_parsers(sub, bench)
     b = bench.add_parser("features", help="decode + resample + fbank + write of 10 s 44.1 kHz clips")
     b.add_argument("--clips", type=int, default=200, help="clips per measurement (default 200)")
     b.add_argument("--workers", type=int, default=0, help="processes for the parallel run (0 = one per core)")
@@ -103,54 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile the blocks (compile time reported apart)")
     b.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
+
+
+def _machine_parsers(sub, bench) -> None:
+    """`gpu-check` and `bench loader`: what a machine can do for the paper's setup."""
+    s = sub.add_parser("gpu-check", help="one JSON object: paper-size bf16 steps (MFU, memory), 300 steps, kill and "
+                                         "resume, probes, fine-tuning, DDP on every GPU (`make gpu-check`)")
+    s.add_argument("--cpu", action="store_true",
+                   help="without CUDA, run a miniature of the checks on the CPU (as AJEPA_GPU_CHECK_CPU=1)")
+    b = bench.add_parser("loader", help="pretraining data loader: clips/s per worker, workers to feed 8 H100s")
+    b.add_argument("--store", default=None, metavar="DIR",
+                   help="a feature store to read (default: a temporary one of --clips generated clips)")
+    b.add_argument("--clips", type=int, default=1024, help="clips in the temporary store (default 1024)")
+    b.add_argument("--frames", type=int, default=1024, help="frames per clip in the temporary store (default 1024)")
+    b.add_argument("--batch", type=int, default=128, help="clips per batch (default 128)")
+    b.add_argument("--steps", type=int, default=8, help="timed batches per worker count (default 8)")
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signals = StopSignals().install()  # SIGTERM too stops with a message, running the `finally`s on the way out
     try:
-        if args.command == "bench":
-            from ajepa.tools import bench  # bench pretrain reads --params itself
-            print(bench.run(args))
-            return 0
-        if args.command == "preset":
-            from ajepa.tools import presets
-            changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
-            print(presets.describe(args.name, args.params, changes, args.dry_run))
-            return 0
-        if args.command == "embed":
-            from ajepa.tools import embed  # --which may read --params itself
-            print(embed.run(args))
-            return 0
-        if args.command == "params-doc":
-            from ajepa.tools import paramdoc
-            print(paramdoc.render(args.params), end="")
-            return 0
-        from ajepa.config import load_params
-        params = load_params(args.params)
-        if args.command == "prepare":
-            from ajepa.stages import prepare as stage
-        elif args.command == "features":
-            from ajepa.stages import features as stage
-        elif args.command == "pool":
-            from ajepa.stages import pool as stage
-        elif args.command == "linear":
-            from ajepa.stages import linear as stage
-        elif args.command == "finetune":
-            from ajepa.stages import finetune as stage
-        if args.command == "pretrain":
-            from ajepa.stages import pretrain as stage
-            summary = stage.run(params, stop_after=args.stop_after)
-        elif args.command == "report":
-            from ajepa.stages import report as stage
-            summary = stage.run(params)
-        elif args.command in ("linear", "finetune"):
-            summary = stage.run(params, args.benchmark)
-        elif args.command == "prepare":
-            summary = stage.run(params, args.dataset, source=args.source)
-        else:
-            summary = stage.run(params, args.dataset)
+        if args.command in TOOLS:
+            return _run_tool(args)
+        summary = _run_stage(args)
         if summary:
             print(summary)
         return 0
@@ -167,6 +152,60 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"ajepa {args.command}: interrupted", 130)
     finally:
         signals.restore()
+
+
+TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc")  # the commands that are no pipeline stage
+
+
+def _run_tool(args) -> int:
+    """A command of TOOLS: prints its output, returns the exit status."""
+    if args.command == "bench":
+        from ajepa.tools import bench  # bench pretrain reads --params itself
+        print(bench.run(args))
+    elif args.command == "preset":
+        from ajepa.tools import presets
+        changes = presets.apply_preset(args.name, args.params, dry_run=args.dry_run)
+        print(presets.describe(args.name, args.params, changes, args.dry_run))
+    elif args.command == "embed":
+        from ajepa.tools import embed  # --which may read --params itself
+        print(embed.run(args))
+    elif args.command == "gpu-check":
+        import json
+
+        from ajepa.tools import gpucheck
+        r = gpucheck.gpu_check(args.params, cpu=args.cpu)
+        print(json.dumps(r))
+        return 1 if r.get("ok") is False else 0
+    else:
+        from ajepa.tools import paramdoc
+        print(paramdoc.render(args.params), end="")
+    return 0
+
+
+def _run_stage(args) -> str:
+    """A pipeline stage, with params.yaml read (and checked) first; returns its summary."""
+    from ajepa.config import load_params
+    params = load_params(args.params)
+    if args.command == "prepare":
+        from ajepa.stages import prepare
+        return prepare.run(params, args.dataset, source=args.source)
+    if args.command == "features":
+        from ajepa.stages import features
+        return features.run(params, args.dataset)
+    if args.command == "pool":
+        from ajepa.stages import pool
+        return pool.run(params, args.dataset)
+    if args.command == "pretrain":
+        from ajepa.stages import pretrain
+        return pretrain.run(params, stop_after=args.stop_after)
+    if args.command == "linear":
+        from ajepa.stages import linear
+        return linear.run(params, args.benchmark)
+    if args.command == "finetune":
+        from ajepa.stages import finetune
+        return finetune.run(params, args.benchmark)
+    from ajepa.stages import report
+    return report.run(params)
 
 
 def _fail(message: str, code: int) -> int:

@@ -401,6 +401,20 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How many processes `ajepa pretrain` starts on its node by itself (not under torchrun or srun, which
+    set WORLD_SIZE and start the processes themselves). How the run is spread, not what it computes: no
+    stage depends on these keys, and the global batch is split over the processes (docs/cluster.md)."""
+
+    processes: Union[Literal["auto"], int]  # auto: one per visible CUDA device (1 without CUDA); N: N processes
+    backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on CUDA devices, gloo on the CPU
+
+    def check(self, key: str) -> None:
+        if self.processes != "auto" and self.processes < 1:
+            _bad(key + ".processes", self.processes, "must be 'auto' or a positive integer")
+
+
+@dataclass(frozen=True)
 class Params:
     pipeline: PipelineConfig
     datasets: dict[str, Dataset]  # by name: the names of ajepa.datasets.registry
@@ -409,6 +423,7 @@ class Params:
     downstream: DownstreamConfig
     linear: LinearConfig
     finetune: dict[str, FinetuneConfig]  # one recipe per benchmark (a benchmark is the dataset of that name)
+    distributed: DistributedConfig
 
     def check(self, key: str) -> None:
         for name in self.datasets:

@@ -192,8 +192,9 @@ def test_torchrun_two_processes_match_one(store_dir, tmp_path):
 
     import yaml
     results = {}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "-m", "ajepa.cli", "pretrain"]
+    # a free port: a fixed one fails when another run (or a stale one) holds it
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "localhost:0", "-m", "ajepa.cli", "pretrain"]
     for name, cmd in {"single": [sys.executable, "-m", "ajepa.cli", "pretrain"], "ddp": torchrun,
                       "ddp_micro": torchrun}.items():
         root = tmp_path / name
@@ -202,6 +203,7 @@ def test_torchrun_two_processes_match_one(store_dir, tmp_path):
         p["pretrain"]["optim"]["epochs"] = 1
         p["pretrain"]["datasets"] = ["synth"]
         p["pretrain"]["micro_batch"] = 2 if name == "ddp_micro" else None
+        p["distributed"]["processes"] = 1 if name == "single" else 2  # under torchrun: no processes of its own
         (root / "params.yaml").write_text(yaml.safe_dump(p))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "ajepa.cli", "pool", "synth"], cwd=root, check=True, env=env,

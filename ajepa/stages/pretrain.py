@@ -1,4 +1,8 @@
-"""`ajepa pretrain`: A-JEPA self-supervised pretraining on the pooled feature stores (torchrun-aware)."""
+"""`ajepa pretrain`: A-JEPA self-supervised pretraining on the pooled feature stores.
+
+One command uses the whole node: unless a launcher (torchrun, srun + torchrun) started it, the stage
+starts `distributed.processes` processes itself, one per GPU by default, and rank 0 writes every output,
+exactly the files of a single-process run."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from ajepa.masks import block_masks, time_frequency_masks
 from ajepa.plots import plot_masks
 from ajepa.stages.pool import check as check_pool
 from ajepa.stages.tracking import open_live
-from ajepa.train.distributed import cleanup, init_distributed
+from ajepa.train.distributed import cleanup, init_distributed, launch, launched, local_processes
 from ajepa.train.pretrain import PretrainPaths, build_mask_generator, pretrain
 
 ENCODERS = ("context", "target")
@@ -60,9 +64,19 @@ def learning_curve(params: Params, device: torch.device):
 
 
 def run(params: Params, stop_after: int | None = None) -> str:
+    """Pretrain in this process, or in one new process per device when nothing launched this one."""
+    processes = local_processes(params.distributed.processes, params.pretrain.optim.batch_size)
+    if processes > 1 and not launched():
+        pool(params)  # bad input fails here, once, before any process starts
+        return launch(train, (params, stop_after), processes)
+    return train(params, stop_after)
+
+
+def train(params: Params, stop_after: int | None = None) -> str:
+    """This process's part of the run (all of it when single-process); the summary line on rank 0."""
     cfg = params.pretrain
     store = pool(params)
-    dist = init_distributed()
+    dist = init_distributed(backend=params.distributed.backend)
     lock = contextlib.ExitStack()
     try:
         if dist.is_main:  # the one process that writes the state (every rank would lock out the others)

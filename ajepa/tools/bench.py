@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -285,6 +287,84 @@ def _format_pretrain(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# pretraining data loader
+
+# The compute plan (docs/compute.md, "GPU-hours"): a paper-size step (ViT-B, predictor 16 x 512, 1024 x 128
+# inputs, curriculum masks) costs 633 GFLOP per clip by the analytic counter (ajepa.tools.flops), and an
+# H100 SXM runs 989 TFLOP/s dense bf16 at the plan's assumed MFU of 35%.
+PLAN_FLOP_PER_CLIP, H100_PEAK_FLOPS, PLAN_MFU, PLAN_GPUS = 633e9, 989e12, 0.35, 8
+
+
+def plan_clips_per_s_per_gpu() -> float:
+    """Clips per second one H100 consumes at the compute plan's rate (about 547)."""
+    return H100_PEAK_FLOPS * PLAN_MFU / PLAN_FLOP_PER_CLIP
+
+
+def _loader_store(root: Path, clips: int, frames: int) -> Path:
+    """A feature store of `clips` clips of `frames` x 128 (10 s clips: cropped, or padded as AudioSet's are
+    to 1024), extracted from a few distinct synthetic clips repeated, so it is built in seconds."""
+    if frames % 16:
+        raise AjepaError(f"--frames {frames}: must be a multiple of the patch size 16")
+    manifest = _bench_clips(root, clips)
+    extract_features(manifest, root / "features", FrontEnd(), target_length=frames, shard_clips=256,
+                     num_workers=0, max_reject_fraction=0.0, progress=False,
+                     extra_stats={"grid": [frames // 16, 128 // 16], "patch_size": 16})
+    return root / "features"
+
+
+def _time_loader(store, batch: int, gen, workers: int, steps: int, warmup: int = 2) -> float:
+    """Clips per second the pretraining loader (clips + the collate's masks) yields with `workers` processes,
+    timed after `warmup` batches (the workers' start-up is not a steady-state cost)."""
+    from ajepa.data.loader import pretrain_loader
+
+    loader = pretrain_loader(store, batch, gen, seed=0, total_steps=warmup + steps, num_workers=workers,
+                             pin_memory=False)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    n = sum(len(b.x) for b in it)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_loader(params, store: str | None = None, clips: int = 1024, frames: int = 1024, batch: int = 128,
+                 steps: int = 8, workers: tuple[int, ...] = (1, 2)) -> dict:
+    """Clips/s per loader worker reading `batch`-clip batches with pretraining masks from a feature store
+    (the given one, else a temporary one of `clips` clips of `frames` x 128), and the workers a node needs
+    to feed 8 H100s at the compute plan's rate. Reads come from the page cache (the store was just
+    written or read): a cold disk can only be slower."""
+    from ajepa.data.store import FeatureStore
+    from ajepa.train.pretrain import build_mask_generator
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="ajepa-bench-") as tmp:
+        fs = FeatureStore(store or _loader_store(Path(tmp), clips, frames))
+        grid = tuple(fs.stats["grid"])
+        gen = build_mask_generator(params.pretrain, grid, total_steps=steps + 2)
+        rates = {w: _time_loader(fs, min(batch, len(fs)), gen, w, steps) for w in workers}
+    per_worker = min(r / w for w, r in rates.items())  # the conservative figure: scaling is rarely perfect
+    need = plan_clips_per_s_per_gpu() * PLAN_GPUS
+    return {"store": store or "temporary", "clips": len(fs), "clip_shape": list(fs.shape), "grid": list(grid),
+            "batch": min(batch, len(fs)), "masking_mode": params.pretrain.masking.mode, "steps": steps,
+            "clips_per_s": {str(w): round(r, 1) for w, r in rates.items()},
+            "clips_per_s_per_worker": {str(w): round(r / w, 1) for w, r in rates.items()},
+            "plan_clips_per_s_per_gpu": round(need / PLAN_GPUS, 1), "plan_gpus": PLAN_GPUS,
+            "plan_clips_per_s": round(need, 1), "workers_needed": math.ceil(need / per_worker),
+            "plan_source": "docs/compute.md: 633 GFLOP per clip at 35% MFU of an H100's 989 TFLOP/s bf16"}
+
+
+def _format_loader(r: dict) -> str:
+    lines = [f"bench loader: {r['clips']} clips of {r['clip_shape'][0]}x{r['clip_shape'][1]} ({r['store']} store), "
+             f"batches of {r['batch']} with {r['masking_mode']} masks on a {r['grid'][0]}x{r['grid'][1]} grid"]
+    for w, rate in r["clips_per_s"].items():
+        lines.append(f"  {w} worker(s): {rate:8.1f} clips/s  ({r['clips_per_s_per_worker'][w]:.1f} per worker)")
+    lines.append(f"  to feed {r['plan_gpus']} H100s at the compute plan's {r['plan_clips_per_s_per_gpu']:.0f} clips/s "
+                 f"each ({r['plan_clips_per_s']:.0f} clips/s): {r['workers_needed']} loader workers on the node "
+                 f"({r['plan_source']}; page-cache reads)")
+    return "\n".join(lines)
+
+
 def run(args) -> str:
     if args.bench == "pretrain":
         from ajepa.config import load_params
@@ -293,6 +373,11 @@ def run(args) -> str:
                            steps=args.steps, threads=args.threads, device=args.device, compile=args.compile,
                            activation_checkpointing=args.activation_checkpointing)
         return json.dumps(r) if args.json else _format_pretrain(r)
+    if args.bench == "loader":
+        from ajepa.config import load_params
+        r = bench_loader(load_params(args.params), store=args.store, clips=args.clips, frames=args.frames,
+                         batch=args.batch, steps=args.steps, workers=tuple(args.workers))
+        return json.dumps(r) if args.json else _format_loader(r)
     if args.bench == "features":
         r = bench_features(args.clips, args.workers)
         if args.json:

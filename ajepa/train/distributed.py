@@ -1,20 +1,32 @@
-"""torchrun-style process groups: one process per GPU, or a single process when not launched by torchrun.
+"""torchrun-style process groups: one process per GPU, started by torchrun or by `launch` itself.
 
 Reads only the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 The device is chosen from LOCAL_RANK, never from CUDA_VISIBLE_DEVICES: neither DVC nor Snakemake
 sets it, so every process sees every GPU of its node and must pick its own.
+
+`launch` starts the processes of one node with torch's elastic launcher (the API torchrun itself is
+built on), so a plain `ajepa pretrain` under `dvc repro` or Snakemake uses every GPU of its node; a
+process that a launcher already started (WORLD_SIZE set: torchrun, or srun + torchrun across nodes)
+never launches again.
 """
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+import traceback
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from ajepa.errors import AjepaError
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_mean", "max_over_ranks"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_mean", "max_over_ranks", "launched", "local_processes",
+           "launch"]
 
 
 @dataclass(frozen=True)
@@ -46,11 +58,20 @@ def _pick_device(local_rank: int, device: str | torch.device | None) -> torch.de
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+def _backend(setting: str, dev: torch.device) -> str:
+    if setting == "auto":
+        return "nccl" if dev.type == "cuda" else "gloo"
+    if setting == "nccl" and dev.type != "cuda":
+        raise AjepaError(f"distributed.backend = 'nccl' needs CUDA devices, but this process runs on {dev}: "
+                         f"use gloo (or auto)")
+    return setting
+
+
+def init_distributed(device: str | torch.device | None = None, backend: str = "auto") -> DistInfo:
     """Join the process group torchrun describes, or run single-process when WORLD_SIZE is unset or 1.
 
     `device` overrides the choice (e.g. "cpu" to debug on a GPU node); by default cuda:LOCAL_RANK when
-    CUDA is available, else CPU. Backend: nccl for CUDA devices, gloo for CPU. Calling it again in an
+    CUDA is available, else CPU. `backend` "auto": nccl for CUDA devices, gloo for CPU. Calling it again in an
     initialised process returns the same description without re-initialising."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -63,8 +84,8 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         # this process's GPU rather than all on cuda:0.
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        backend = _backend(backend, dev)
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -97,3 +118,64 @@ def max_over_ranks(value: int, device: torch.device) -> int:
     out = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return int(out.item())
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of a group (torchrun, srun + torchrun, `launch`)."""
+    return os.environ.get("WORLD_SIZE", "") != ""
+
+
+def local_processes(setting: int | str, global_batch: int | None = None) -> int:
+    """How many processes `launch` starts on this node for `distributed.processes`.
+
+    "auto": one per visible CUDA device, 1 without CUDA; when a global batch is given, the largest
+    count up to that which divides it (the batch is split evenly: 16 clips on 6 GPUs run on 4).
+    An integer is taken as it is (say 2 gloo processes on a CPU, to test the distributed path)."""
+    if setting != "auto":
+        return int(setting)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    while global_batch and n > 1 and global_batch % n:
+        n -= 1
+    return max(n, 1)
+
+
+def _worker(fn: Callable, args: tuple, threads: int, errors: str) -> Any:
+    if threads:
+        # several CPU processes on one machine: each takes its share of the cores, not all of them
+        torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    except AjepaError as e:
+        # bad input, not a bug: one line for the parent to raise; exiting non-zero (rather than
+        # returning) makes the launcher stop the other processes, which may wait in a collective
+        Path(errors, os.environ.get("RANK", "0")).write_text(str(e))
+    except BaseException:
+        traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def launch(fn: Callable, args: tuple, processes: int) -> Any:
+    """Run `fn(*args)` in `processes` new processes of one node (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+    and MASTER_PORT set as torchrun sets them, on a free local port) and return rank 0's result.
+
+    `fn` and `args` must be picklable (the processes are spawned). When any process fails, the launcher
+    stops the others, and an AjepaError raised by `fn` is raised here as one line (a crash as a pointer to
+    its traceback above)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          start_method="spawn", monitor_interval=0.1)
+    threads = 0 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // processes)
+    with tempfile.TemporaryDirectory(prefix="ajepa-launch-") as errors:
+        try:
+            return elastic_launch(config, _worker)(fn, args, threads, errors)[0]
+        except ChildFailedError as e:
+            reported = sorted(Path(errors).iterdir(), key=lambda f: int(f.name))
+            if reported:
+                raise AjepaError(reported[0].read_text()) from None
+            rank, failure = e.get_first_failure()
+            raise AjepaError(f"process {rank} of {processes} failed (exit code {failure.exitcode}; "
+                             f"its traceback is above)") from None
