@@ -30,6 +30,22 @@ def tiny_params() -> dict:
     return p
 
 
+def pool_features(root: Path, out: Path, *, seed: int, clips: int, duration_s: float = 1.0) -> Path:
+    """`clips` unlabeled synthetic clips of `duration_s` seconds generated under `root`, as a pretraining
+    feature store at `out`: 96 log-mel frames per second of 128 bins, a patch grid of 16 x 16 patches."""
+    from ajepa.data.frontend import FrontEnd
+    from ajepa.data.store import extract_features
+    from ajepa.datasets import synth
+    from ajepa.datasets.manifest import unlabeled_rows
+
+    spec = synth.GeneratorSpec(seed=seed, duration_s=duration_s, sample_rate=16000, snr_db=(10.0, 30.0))
+    synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=clips)
+    frames = round(96 * duration_s)
+    extract_features(unlabeled_rows(root / "raw", "meta/pool.csv", "pool"), out, FrontEnd(), frames, 64, 1, 0.0,
+                     extra_stats={"grid": [frames // 16, 8], "patch_size": 16}, progress=False)
+    return out
+
+
 def make_project_copy(dest: Path, params: dict, git: bool = True) -> Path:
     """A temporary working copy of the project (its own git repo, as a clone would be)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -48,8 +64,8 @@ def make_project_copy(dest: Path, params: dict, git: bool = True) -> Path:
     return dest
 
 
-def run(cmd, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run(cmd, cwd, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r

@@ -13,14 +13,11 @@ import torch
 import yaml
 
 from ajepa.config import parse_params
-from ajepa.datasets import synth
-from ajepa.data.frontend import FrontEnd
-from ajepa.datasets.manifest import unlabeled_rows
-from ajepa.data.store import extract_features
 from ajepa.errors import ConfigError
 from ajepa.train.checkpoint import load_encoder_state
 from ajepa.train.distributed import launched, local_processes
-from conftest import REPO, load_repo_params, make_project_copy, parse_dry_run, run, tiny_params
+from conftest import (REPO, load_repo_params, make_project_copy, parse_dry_run, pool_features, run,
+                      tiny_params)
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -30,13 +27,7 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "M
 def store_dir(tmp_path_factory):
     """32 one-second synthetic clips as features (96 x 128, a 6 x 8 patch grid)."""
     root = tmp_path_factory.mktemp("features")
-    spec = synth.GeneratorSpec(seed=5, duration_s=1.0, sample_rate=16000, snr_db=(10.0, 30.0))
-    synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=32)
-    rows = unlabeled_rows(root / "raw", "meta/pool.csv", "pool")
-    out = root / "features"
-    extract_features(rows, out, FrontEnd(), 96, 64, 1, 0.0, extra_stats={"grid": [6, 8], "patch_size": 16},
-                     progress=False)
-    return out
+    return pool_features(root, root / "features", seed=5, clips=32)
 
 
 def _project(root, store_dir, processes):

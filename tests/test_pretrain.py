@@ -11,9 +11,7 @@ import torch
 
 from ajepa.config import parse_params
 from ajepa.datasets import synth
-from ajepa.data.frontend import FrontEnd
-from ajepa.datasets.manifest import unlabeled_rows
-from ajepa.data.store import FeatureStore, extract_features
+from ajepa.data.store import FeatureStore
 from ajepa.errors import AjepaError
 from ajepa.export import read_export
 from ajepa.models import AJEPA
@@ -21,19 +19,14 @@ from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
 from ajepa.train.distributed import init_distributed
 from ajepa.stages.tracking import open_live
 from ajepa.train.pretrain import PretrainPaths, pretrain
-from conftest import run, tiny_params
+from conftest import pool_features, run, tiny_params
 
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     """A pool of 48 one-second synthetic clips as features (96 x 128, a 6 x 8 patch grid)."""
     root = tmp_path_factory.mktemp("features")
-    spec = synth.GeneratorSpec(seed=3, duration_s=1.0, sample_rate=16000, snr_db=(10.0, 30.0))
-    synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=48)
-    rows = unlabeled_rows(root / "raw", "meta/pool.csv", "pool")
-    out = root / "data" / "features" / "synth"
-    extract_features(rows, out, FrontEnd(), 96, 64, 1, 0.0, extra_stats={"grid": [6, 8], "patch_size": 16},
-                     progress=False)
+    out = pool_features(root, root / "data" / "features" / "synth", seed=3, clips=48)
     return out
 
 

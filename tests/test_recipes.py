@@ -203,20 +203,13 @@ def test_pretraining_clip_augment_is_a_seeded_roll_and_level_shift():
 
 
 def test_pretraining_loader_augments_and_resumes_to_the_same_clips(tmp_path):
-    from ajepa.data.frontend import FrontEnd
     from ajepa.data.loader import pretrain_augment, pretrain_loader
-    from ajepa.data.store import FeatureStore, StoreUnion, extract_features
-    from ajepa.datasets import synth
-    from ajepa.datasets.manifest import unlabeled_rows
+    from ajepa.data.store import FeatureStore, StoreUnion
     from ajepa.masks import MaskGenerator
+    from conftest import pool_features
 
-    spec = synth.GeneratorSpec(seed=3, duration_s=0.5, sample_rate=16000, snr_db=(10.0, 30.0))
-    synth.generate(tmp_path / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=8)
-    rows = unlabeled_rows(tmp_path / "raw", "meta/pool.csv", "pool")
-    out = tmp_path / "features"
-    extract_features(rows, out, FrontEnd(), 48, 64, 1, 0.0, extra_stats={"grid": [3, 8], "patch_size": 16},
-                     progress=False)
-    store = FeatureStore(out, ("pretrain",))
+    store = FeatureStore(pool_features(tmp_path, tmp_path / "features", seed=3, clips=8, duration_s=0.5),
+                         ("pretrain",))
     masks = MaskGenerator((3, 8), mode="block", seed=0, total_steps=4, min_keep=2)
     assert pretrain_augment(store, False, False, 0) is None
 
