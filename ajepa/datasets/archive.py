@@ -157,6 +157,23 @@ def _check_link(name: str, link: str, dest: Path, target: Path, label: str, hard
         raise UnsafeArchive(f"{label}: member {name!r} links to {link!r}, outside the target: refusing to extract")
 
 
+# extraction filters: Python 3.12, and 3.10.12 / 3.11.4 onwards
+HAS_TAR_FILTERS = hasattr(tarfile, "data_filter")
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, label: str) -> None:
+    if not HAS_TAR_FILTERS:
+        # the checks of _extract_tar are the whole guard here; nothing of the archive's owners, modes
+        # (setuid bits) or times is applied: the files get this user and the umask
+        tar.extract(member, target, set_attrs=False)
+        return
+    try:
+        # the 'data' filter repeats these checks and drops setuid bits and foreign owners
+        tar.extract(member, target, filter="data")
+    except tarfile.FilterError as e:
+        raise UnsafeArchive(f"{label}: member {member.name!r} refused: {e}") from None
+
+
 def _extract_tar(tar: tarfile.TarFile, target: Path, label: str, show_progress: bool) -> int:
     count = 0
     with progress(None, f"extract {label}", "file", enabled=show_progress) as bar:
@@ -168,11 +185,7 @@ def _extract_tar(tar: tarfile.TarFile, target: Path, label: str, show_progress: 
                 raise UnsafeArchive(f"{label}: member {member.name!r} is a device or special file: refusing to extract")
             if member.issym() or member.islnk():
                 _check_link(member.name, member.linkname, dest, target, label, hard=member.islnk())
-            try:
-                # the 'data' filter repeats these checks and drops setuid bits and foreign owners
-                tar.extract(member, target, filter="data")
-            except tarfile.FilterError as e:
-                raise UnsafeArchive(f"{label}: member {member.name!r} refused: {e}") from None
+            _extract_member(tar, member, target, label)
             count += 1
             bar.update(1)
     return count
