@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,10 +10,26 @@ import pandas as pd
 
 def prune_live(live_dir: Path, start_step: int) -> None:
     """Drop the rows at or after `start_step` from every metric of a DVCLive directory (what an
-    interrupted run logged after its last checkpoint: the resumed run logs those steps again)."""
+    interrupted run logged after its last checkpoint: the resumed run logs those steps again).
+
+    DVCLive writes in place, so a kill can cut its last write: a cut row (a field missing) is dropped,
+    an empty table removed, and a cut summary (metrics.json, rewritten at every step, which DVCLive
+    reads back on resuming) removed; the resumed run writes it again at its first step."""
     for tsv in (Path(live_dir) / "plots" / "metrics").rglob("*.tsv"):
-        table = pd.read_csv(tsv, sep="\t")
+        try:
+            table = pd.read_csv(tsv, sep="\t").dropna()
+        except pd.errors.EmptyDataError:
+            tsv.unlink()
+            continue
+        table = table.astype({"step": int})
         table[table["step"] < start_step].to_csv(tsv, sep="\t", index=False)
+    summary = Path(live_dir) / "metrics.json"
+    try:
+        json.loads(summary.read_text())
+    except FileNotFoundError:
+        pass
+    except ValueError:  # cut or empty
+        summary.unlink()
 
 
 def open_live(live_dir: Path):

@@ -92,3 +92,35 @@ def test_sigterm_outside_the_training_loop_stops_with_one_line(template, tmp_pat
     assert last_line(err) == "ajepa features: stopped by SIGTERM"
     assert "Traceback" not in err  # its pool's workers, terminated with SIGTERM too, end quietly as before
     assert not any(p.name.endswith(".tmp") for p in (root / "data/features").iterdir())
+
+
+@pytest.mark.parametrize("cut", ["empty summary", "cut summary", "cut row"])
+def test_a_kill_inside_dvclive_writes_does_not_stop_the_resume(tmp_path, cut):
+    """DVCLive rewrites metrics.json and appends to its tables in place at every step. A kill -9 in the
+    middle of a write (it happened once to the kill test above in a `make test`) left a summary that
+    DVCLive's resume could not parse, and every rerun died on a JSONDecodeError. A cut last row of a
+    table is dropped (the resumed run logs that step again) and the table stays whole."""
+    import json
+
+    import pandas as pd
+
+    from ajepa.stages.tracking import open_live
+
+    live = tmp_path / "live"
+    log = open_live(live)(0)
+    for step in range(8):
+        log(step, {"train/loss": 1.0 / (step + 1)})
+    table = live / "plots/metrics/train/loss.tsv"
+    if cut == "empty summary":
+        (live / "metrics.json").write_text("")
+    elif cut == "cut summary":
+        (live / "metrics.json").write_text((live / "metrics.json").read_text()[:9])
+    else:
+        with open(table, "a") as f:
+            f.write("8\t")  # the step written, the kill before the value
+    log = open_live(live)(5)  # resuming from a checkpoint at step 5
+    for step in range(5, 7):
+        log(step, {"train/loss": 1.0 / (step + 1)})
+    rows = pd.read_csv(table, sep="\t")
+    assert rows["step"].tolist() == [0, 1, 2, 3, 4, 5, 6] and not rows.isna().any().any()
+    assert json.loads((live / "metrics.json").read_text())["step"] == 6
