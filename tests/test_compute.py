@@ -100,7 +100,6 @@ def test_accumulated_finetuning_step_equals_the_full_batch_step(micro):
         x, y = finetune.augment(task.clips(task.splits[0].train[:8]).double(), torch.eye(4, dtype=torch.float64)[task.y[:8]],
                                 cfg, -5.0, 4.0, g,
                                 partners=lambda n: finetune.mixup_partners(task, task.splits[0], n, g))
-        x, y = x.double(), y.double()
         runs.append((run, finetune.train_step(run, x, y, cfg, g, torch.autocast("cpu", enabled=False))))
     (full, loss_full), (split, loss_split) = runs
     assert loss_full == pytest.approx(loss_split, rel=1e-6)

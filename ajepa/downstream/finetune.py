@@ -322,7 +322,7 @@ def train_epoch(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneC
         # augmented where the model runs: on a GPU, the CPU would otherwise hold back a large batch
         x, y = augment(task.clips(idx).to(device), _one_hot(task.y[idx], len(task.classes)).to(device), cfg,
                        mean, std, g, partners=lambda n: mixup_partners(task, split, n, g))
-        losses.append(train_step(run, x.to(device), y.to(device), cfg, g, autocast))
+        losses.append(train_step(run, x, y, cfg, g, autocast))
         bar.update(1)
     return float(np.mean(losses))
 
