@@ -218,9 +218,11 @@ class OptimConfig:
 
     epochs: int  # passes over the pretraining pool
     batch_size: int  # global batch, split evenly over torchrun processes
-    lr: float  # peak learning rate, absolute (I-JEPA's convention: not scaled by batch / 256), after warmup
-    final_lr: float  # learning rate at the end of the cosine
-    warmup_epochs: float  # linear warmup from 0, in epochs
+    lr: float  # peak learning rate after warmup, read as lr_scaling says
+    lr_scaling: Literal["absolute", "per_256"]  # absolute: lr is the peak (I-JEPA); per_256: a base lr, peak lr x batch_size / 256 (AudioMAE)
+    final_lr: float  # learning rate at the end of the cosine (absolute either way)
+    warmup_epochs: float  # linear warmup, in epochs
+    warmup_start: float  # the warmup's first lr, as a fraction of the peak (0: from 0; I-JEPA: 0.2)
     weight_decay: list[float]  # [start, end], cosine (I-JEPA)
     betas: list[float]  # AdamW betas
     grad_clip: float  # 0 disables
@@ -231,6 +233,8 @@ class OptimConfig:
         if self.final_lr < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
             _bad(key, {"final_lr": self.final_lr, "warmup_epochs": self.warmup_epochs, "grad_clip": self.grad_clip},
                  "final_lr, warmup_epochs and grad_clip must be >= 0")
+        if not 0.0 <= self.warmup_start <= 1.0:
+            _bad(key + ".warmup_start", self.warmup_start, "a fraction of the peak lr: must be in [0, 1]")
         if len(self.weight_decay) != 2 or min(self.weight_decay) < 0:
             _bad(key + ".weight_decay", self.weight_decay, "must be [start, end], both >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -314,6 +318,7 @@ class FinetuneConfig:
     layer_decay: float  # layer-wise lr decay (AudioMAE 0.75): layer l of L gets lr * decay^(L + 1 - l)
     pooling: Literal["all", "time"]  # head input: mean of every patch (AudioMAE) or over time, frequency kept
     head_init: Literal["zero", "probe"]  # zero: AudioMAE's (std 2e-5); probe: the linear probe's solution (LP-FT)
+    head_norm: Literal["encoder", "fc_norm"]  # encoder: its final norm on every token, pool, LayerNorm; fc_norm: AudioMAE's (no final norm, LayerNorm after the pool)
     drop_path: float  # stochastic depth (the deepest block's rate)
     key_mask_ratio: float  # regularized masking (paper 0.1); 0 disables
     specaug_time: int  # max frames of the one time mask per clip (AudioMAE timem); 0 disables

@@ -55,10 +55,17 @@ PROBE_L2 = [0.1, 0.01, 0.001, 0.0001]  # LP-FT's probe: the strengths the linear
 class Classifier(nn.Module):
     """Encoder tokens -> pool -> LayerNorm -> linear. pooling "all" is AudioMAE's global-pool head (the
     mean of every patch); "time" keeps the frequency patches (the mean over time of each, each normalised,
-    concatenated), as the linear probe reads them."""
+    concatenated), as the linear probe reads them. head_norm "fc_norm" drops the encoder's final norm, so
+    the pooled tokens meet one LayerNorm (AudioMAE's models_vit.py: `del self.norm`, `fc_norm` after the
+    mean); "encoder" keeps it before the pool."""
 
-    def __init__(self, encoder: SpectrogramEncoder, num_classes: int, pooling: str = "all"):
+    def __init__(self, encoder: SpectrogramEncoder, num_classes: int, pooling: str = "all",
+                 head_norm: str = "encoder"):
         super().__init__()
+        if head_norm not in ("encoder", "fc_norm"):
+            raise ValueError(f"head_norm must be 'encoder' or 'fc_norm', got {head_norm!r}")
+        if head_norm == "fc_norm":
+            encoder.norm = nn.Identity()
         self.encoder, self.pooling = encoder, pooling
         self.norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
         width = encoder.embed_dim * (encoder.grid[1] if pooling == "time" else 1)
@@ -251,7 +258,7 @@ def build(encoder: SpectrogramEncoder, task: Task, split: EvalSplit, cfg: Finetu
           device: torch.device) -> FinetuneState:
     """The classifier (its head from the linear probe with cfg.head_init "probe"), AdamW with layer-wise
     lr decay, and warmup-cosine per step."""
-    model = Classifier(encoder, len(task.classes), cfg.pooling).to(device)
+    model = Classifier(encoder, len(task.classes), cfg.pooling, cfg.head_norm).to(device)
     if cfg.head_init == "probe":
         probe_head(model, task, split, PROBE_L2, cfg.batch_size * 2, device)
     train_clips = len(split.train)

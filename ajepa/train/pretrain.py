@@ -35,7 +35,7 @@ from ajepa.train.compute import (accumulate, compile_blocks, fits_in_cuda_memory
                                  resolve_micro_batch, without_compute_keys)
 from ajepa.train.distributed import DistInfo, all_reduce_mean, max_over_ranks
 from ajepa.train.finite import NonFinite, check_loss, check_weights
-from ajepa.train.schedules import CosineWeightDecay, LinearMomentum, WarmupCosine, param_groups
+from ajepa.train.schedules import CosineWeightDecay, LinearMomentum, WarmupCosine, param_groups, peak_lr
 
 Log = Callable[[int, dict], None]  # log(step, metrics)
 OpenLog = Callable[[int], Log]  # open_log(start_step) -> log: told where the run starts (0, or where it resumes)
@@ -112,11 +112,13 @@ def build(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int, steps_per
     total_steps = o.epochs * steps_per_epoch
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, grid, patch_size).to(device)
+    lr = peak_lr(o.lr, o.batch_size, o.lr_scaling)
     # fused: 3-5x faster optimiser step on CPU and GPU alike (measured with ajepa.tools.flops)
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay[0]), lr=o.lr, betas=tuple(o.betas), fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay[0]), lr=lr, betas=tuple(o.betas), fused=True)
     return Trainer(
         model, optimizer,
-        WarmupCosine(o.lr, o.final_lr, round(o.warmup_epochs * steps_per_epoch), total_steps, optimizer=optimizer),
+        WarmupCosine(lr, o.final_lr, round(o.warmup_epochs * steps_per_epoch), total_steps,
+                     start_value=o.warmup_start * lr, optimizer=optimizer),
         CosineWeightDecay(o.weight_decay[0], o.weight_decay[1], total_steps, optimizer=optimizer),
         LinearMomentum(o.ema_momentum[0], o.ema_momentum[1], total_steps),
         PositionOnlyPredictor(grid[0] * grid[1], cfg.encoder.embed_dim).to(device))

@@ -14,11 +14,25 @@ import torch
 import torch.nn as nn
 
 __all__ = ["WarmupCosine", "CosineWeightDecay", "LinearMomentum", "param_groups", "layer_decay_groups",
-           "NO_DECAY_NAMES"]
+           "NO_DECAY_NAMES", "LR_SCALINGS", "peak_lr"]
 
 # Learned tokens and positional tables are embeddings, not weights: decaying them pulls them towards 0
-# for no regularisation benefit (MAE/I-JEPA/timm exclude them too).
+# for no regularisation benefit. MAE/AudioMAE fine-tuning and timm exclude them (`no_weight_decay()`);
+# MAE's and I-JEPA's pretraining groups split by ndim and name alone, so they decay a [1, 1, D] mask token.
 NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token")
+
+# How a configured lr becomes the schedule's peak: "absolute" as I-JEPA's train.py (the config's lr is the
+# peak), "per_256" as MAE/AudioMAE's base lr (`lr = blr * eff_batch_size / 256`).
+LR_SCALINGS = ("absolute", "per_256")
+
+
+def peak_lr(lr: float, batch_size: int, scaling: str) -> float:
+    """The peak lr that `lr` means at a global batch of `batch_size` under `scaling` (LR_SCALINGS)."""
+    if scaling == "absolute":
+        return float(lr)
+    if scaling == "per_256":
+        return float(lr) * batch_size / 256
+    raise ValueError(f"lr scaling must be one of {LR_SCALINGS}, got {scaling!r}")
 
 # Marker kept in an optimizer group once the weight-decay schedule has seen it decaying. It is stored
 # in the optimizer's state_dict, so a resumed optimizer keeps its groups apart even when the cosine
@@ -65,7 +79,8 @@ class _Schedule:
 
 class WarmupCosine(_Schedule):
     """Linear warmup ``start_value -> base_value`` over ``warmup_steps``, then a half cosine to
-    ``final_value`` at ``total_steps`` (held after). With an optimizer, ``step()`` sets every group's
+    ``final_value`` at ``total_steps`` (held after). ``start_value`` 0 is MAE's warmup; I-JEPA's
+    ``WarmupCosineSchedule`` starts at its config's ``start_lr`` (0.2 x ``lr``). With an optimizer, ``step()`` sets every group's
     ``lr`` to ``value * group.get("lr_scale", 1.0)``, so layer-wise lr decay only has to put an
     ``lr_scale`` in each group (AudioMAE/BEiT fine-tuning) and can reuse this schedule."""
 
