@@ -21,8 +21,8 @@ __all__ = ["WarmupCosine", "CosineWeightDecay", "LinearMomentum", "param_groups"
 # MAE's and I-JEPA's pretraining groups split by ndim and name alone, so they decay a [1, 1, D] mask token.
 NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token")
 
-# How a configured lr becomes the schedule's peak: "absolute" as I-JEPA's train.py (the config's lr is the
-# peak), "per_256" as MAE/AudioMAE's base lr (`lr = blr * eff_batch_size / 256`).
+# How a configured lr becomes the schedule's peak: "absolute" as I-JEPA (helper.py init_opt: the config's lr
+# is the peak), "per_256" as MAE/AudioMAE's base lr (main_pretrain.py: `lr = blr * eff_batch_size / 256`).
 LR_SCALINGS = ("absolute", "per_256")
 
 
@@ -80,9 +80,10 @@ class _Schedule:
 class WarmupCosine(_Schedule):
     """Linear warmup ``start_value -> base_value`` over ``warmup_steps``, then a half cosine to
     ``final_value`` at ``total_steps`` (held after). ``start_value`` 0 is MAE's warmup; I-JEPA's
-    ``WarmupCosineSchedule`` starts at its config's ``start_lr`` (0.2 x ``lr``). With an optimizer, ``step()`` sets every group's
-    ``lr`` to ``value * group.get("lr_scale", 1.0)``, so layer-wise lr decay only has to put an
-    ``lr_scale`` in each group (AudioMAE/BEiT fine-tuning) and can reuse this schedule."""
+    ``WarmupCosineSchedule`` starts at its config's ``start_lr`` (0.2 x ``lr``). With an optimizer,
+    ``step()`` sets every group's ``lr`` to ``value * group.get("lr_scale", 1.0)``, so layer-wise lr
+    decay only has to put an ``lr_scale`` in each group (AudioMAE/BEiT fine-tuning) and can reuse this
+    schedule."""
 
     def __init__(self, base_value: float, final_value: float, warmup_steps: int, total_steps: int,
                  start_value: float = 0.0, optimizer: torch.optim.Optimizer | None = None):
