@@ -76,8 +76,9 @@ class AudioEncoder(nn.Module):
                              f"the front end makes {self.frontend.num_mel_bins}")
         if patch % HOP_FRAMES:
             raise AjepaError(f"patch size {patch} is not a multiple of the {HOP_FRAMES}-frame hop")
-        if not std > 0 or max_windows < 1:
-            raise AjepaError(f"std and max_windows must be positive, got {std} and {max_windows}")
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0) or max_windows < 1:
+            raise AjepaError(f"mean must be finite, std finite and positive, max_windows positive, got {mean}, "
+                             f"{std} and {max_windows}")
         self.encoder = encoder.eval()
         self.mean, self.std, self.max_windows = float(mean), float(std), int(max_windows)
         self.config = dict(config or {})
