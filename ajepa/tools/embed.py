@@ -25,6 +25,7 @@ import torch
 
 from ajepa.atomic import atomic_path, check_replaceable, make_parent, write_csv
 from ajepa.data.frontend import UnreadableAudio
+from ajepa.datasets.walk import walk_files
 from ajepa.encoder import AudioEncoder, load_encoder
 from ajepa.errors import AjepaError
 from ajepa.export import CONFIG, weights_file
@@ -40,14 +41,15 @@ STREAM_SECONDS = 30.0
 
 
 def audio_files(inputs: list[str]) -> list[Path]:
-    """The files named, and the names with AUDIO_SUFFIXES under the folders named (links to folders not
-    followed, so a link loop cannot hang the walk), sorted, each once. A name that is no regular file (a
-    dangling link, a FIFO, a folder called x.wav) is listed too: embed_files rejects it with its reason."""
+    """The files named, and the names with AUDIO_SUFFIXES under the folders named (links followed, each
+    folder once: see ajepa.datasets.walk), sorted, each once. A name that is no regular file (a dangling
+    link, a FIFO, a folder called x.wav) is listed too: embed_files rejects it with its reason."""
     out = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+            out += sorted(Path(d) / f for d, dirs, files in walk_files(p) for f in dirs + files
+                          if Path(f).suffix.lower() in AUDIO_SUFFIXES)
         elif p.exists() or p.is_symlink():
             out.append(p)
         else:
