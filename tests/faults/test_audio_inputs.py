@@ -110,10 +110,10 @@ def test_a_name_the_terminal_cannot_encode_is_printed_escaped(tmp_path):
     export = make_export(tmp_path / "export")
     _noise(tmp_path / "café – ünïcode.wav", 1.0)
     r = subprocess.run([sys.executable, "-m", "ajepa.cli", "embed", str(tmp_path), "--encoder", str(export),
-                        "--out", str(tmp_path / "e.npz")], env={**ENV, "PYTHONIOENCODING": "ascii"},
+                        "--out", str(tmp_path / "émbeddings.npz")], env={**ENV, "PYTHONIOENCODING": "ascii"},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "embed: 1 of 1 clips" in r.stdout
+    assert "embed: 1 of 1 clips" in r.stdout and "\\xe9mbeddings.npz" in r.stdout, r.stdout
 
 
 def test_a_clip_shorter_than_the_read_limit_is_read_exactly_as_before(tmp_path):

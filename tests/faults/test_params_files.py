@@ -95,3 +95,24 @@ def test_parameters_beyond_sane_bounds_are_one_line(change, key, says):
 def test_the_default_and_every_preset_stay_within_the_bounds():
     parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     parse_params(tiny_params())
+
+
+def test_a_stage_with_params_of_another_folder_creates_nothing_here(tmp_path, monkeypatch, capsys):
+    from ajepa.cli import main
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["--params", str(project / "params.yaml"), "linear", "synth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"not under the current folder {elsewhere}" in err and f"cd {project}" in err, err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_snakemake_unlock_needs_no_cores(tmp_path):
+    from conftest import make_project_copy, run
+    root = make_project_copy(tmp_path / "p", tiny_params())
+    r = run(["snakemake", "--unlock"], root, check=False, timeout=300)
+    assert r.returncode == 0 and "Unlocked working directory" in r.stdout + r.stderr, r.stderr[-2000:]
