@@ -73,7 +73,7 @@ class FrontEnd:
                 yield f
         except (sf.LibsndfileError, RuntimeError, ValueError) as e:
             if not os.path.exists(path):  # libsndfile says only "System error."
-                raise UnreadableAudio("file not found (deleted or moved after it was listed)") from None
+                raise UnreadableAudio("unreadable audio: file not found (deleted or moved after it was listed)") from None
             raise UnreadableAudio(f"unreadable audio: {' '.join(str(e).split())}") from None
 
     @staticmethod
