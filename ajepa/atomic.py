@@ -10,8 +10,10 @@ Snakemake both decide what to rerun from what exists, so a half-written file wou
 A directory cannot be swapped for another in one rename, so replacing one takes two renames (old
 aside, new into place). A process killed between them leaves only the aside; the next write of the
 same output (the next start of the stage that owns it) puts it back, and deletes the temporary
-names of processes that no longer run. A full disk, an exceeded quota or a read-only file system
-while writing becomes one AjepaError naming the path and the free space left on its file system.
+names of processes that no longer run. A full disk or an exceeded quota while writing becomes one
+AjepaError naming the path and the free space left on its file system; a read-only or forbidden
+target one naming the path. An output never replaces a path of another kind: a folder where a file
+is to go (or a file where a folder is to go) is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ajepa.errors import AjepaError
+from ajepa.errors import AjepaError, Interrupted
 
-# errors that no retry inside the stage can fix: the user must free space or change the target
-SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# errors that no retry inside the stage can fix: the user must free space or change the target; of
+# these, a read-only or forbidden target is no matter of space
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def free_space(path: str | os.PathLike) -> str:
@@ -56,6 +61,9 @@ def space_error(path: str | os.PathLike, error: BaseException) -> AjepaError | N
         seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     if seen is None:
         return None
+    if seen.errno in READ_ONLY_ERRNOS:  # no space to free: the mount or the folder is not writable
+        return AjepaError(f"{path}: cannot write: {os.strerror(seen.errno)}; write elsewhere (or make it "
+                          "writable) and rerun")
     return AjepaError(f"{path}: cannot write: {os.strerror(seen.errno)} ({free_space(path)}); "
                       f"free some space (or write elsewhere) and rerun")
 
@@ -110,8 +118,23 @@ def recover(path: str | os.PathLike) -> None:
             _remove(entry)
 
 
+def _kind(path: Path) -> str:
+    return "folder" if path.is_dir() and not path.is_symlink() else "file"
+
+
+def check_replaceable(path: str | os.PathLike, kind: str) -> None:
+    """Refuse, before any work, an output `path` that holds another kind of thing than the `kind`
+    ("file" or "folder") about to be written there: a folder is never deleted to install a file (it may
+    hold a user's data under a name that happens to match an output), nor a file to install a folder."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and _kind(path) != kind:
+        raise AjepaError(f"{path}: is a {_kind(path)}, where a {kind} is to be written; it is left as it is: "
+                         f"move it away or choose another output name")
+
+
 def _install(tmp: Path, path: Path) -> None:
-    if not (path.is_dir() and not path.is_symlink()):
+    check_replaceable(path, _kind(tmp))
+    if _kind(path) == "file":
         os.replace(tmp, path)  # a file (or nothing) is replaced in one atomic rename
         return
     aside = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -122,7 +145,23 @@ def _install(tmp: Path, path: Path) -> None:
     except BaseException:
         os.replace(aside, path)
         raise
-    shutil.rmtree(aside)
+    try:
+        shutil.rmtree(aside)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the new output is in place, so finish the tidying
+        shutil.rmtree(aside, ignore_errors=True)
+        raise Interrupted(getattr(e, "signum", signal.SIGINT),
+                          f"{str(e) or 'interrupted'} after {path} was written in full (the new one is in "
+                          "place; nothing to redo for it)") from None
+
+
+def make_parent(path: str | os.PathLike) -> None:
+    """Create the folder `path` goes in; a file in the way is one line naming it."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), parent)
+        raise AjepaError(f"{path}: cannot create its folder: {blocker} is a file, not a folder") from None
 
 
 @contextlib.contextmanager
@@ -130,7 +169,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (file or directory) and rename it onto `path` on success."""
     path = Path(path)
     with write_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(path)
         recover(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     tmp.rmdir()  # the caller creates a file or a directory under this unique name

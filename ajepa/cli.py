@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ajepa import __version__
 from ajepa.errors import AjepaError, Interrupted
@@ -130,6 +131,11 @@ def _machine_parsers(sub, bench) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # a file name the terminal's encoding cannot show (PYTHONIOENCODING=ascii, a C locale) is printed
+        # escaped rather than failing the command after its work is done
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     signals = StopSignals().install()  # SIGTERM too stops with a message, running the `finally`s on the way out
     try:
@@ -186,6 +192,7 @@ def _run_stage(args) -> str:
     """A pipeline stage, with params.yaml read (and checked) first; returns its summary."""
     from ajepa.config import load_params
     params = load_params(args.params)
+    _check_project_folder(Path(args.params))
     if args.command == "prepare":
         from ajepa.stages import prepare
         return prepare.run(params, args.dataset, source=args.source)
@@ -206,6 +213,16 @@ def _run_stage(args) -> str:
         return finetune.run(params, args.benchmark)
     from ajepa.stages import report
     return report.run(params)
+
+
+def _check_project_folder(params_file: Path) -> None:
+    """Stages read and write data/, models/ and results/ under the current folder: a params file from
+    another project (cd elsewhere, --params there) would scatter half a project in the wrong place."""
+    here = Path.cwd().resolve()
+    if not params_file.resolve().is_relative_to(here):
+        raise AjepaError(f"--params {params_file}: not under the current folder {here}, where this stage reads "
+                         f"and writes data/, models/ and results/; run it from the project's folder "
+                         f"(cd {params_file.resolve().parent})")
 
 
 def _fail(message: str, code: int) -> int:

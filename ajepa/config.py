@@ -7,6 +7,7 @@ type or an impossible value raises ConfigError with one line naming the key and 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import re
@@ -23,6 +24,10 @@ from ajepa.datasets.registry import REGISTRY
 from ajepa.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+# The largest transformer (encoder or predictor) a parameter file may ask for: ViT-g, the largest
+# audio ViT published, has 1.0 B weights; a depth or width far beyond is a typo (depth 100000 for 10)
+# that would otherwise end in an out-of-memory kill without a word.
+MAX_TRANSFORMER_WEIGHTS, MAX_DEPTH = 2_000_000_000, 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +155,25 @@ class FeaturesConfig:
             _bad(key + ".num_mel_bins", self.num_mel_bins, f"must be a multiple of patch_size ({self.patch_size})")
         if self.frame_length_ms < self.frame_shift_ms:
             _bad(key + ".frame_length_ms", self.frame_length_ms, "must be >= frame_shift_ms")
+        fft, empty = empty_mel_filters(self.num_mel_bins, self.sample_rate, self.frame_length_ms)
+        if empty >= self.patch_size:
+            _bad(key + ".num_mel_bins", self.num_mel_bins,
+                 f"{empty} of its mel filters cover no bin of the {fft}-point FFT of a {self.frame_length_ms:g} ms "
+                 f"frame at {self.sample_rate} Hz (rows of constants, a whole patch row or more); fewer mel bins, "
+                 f"or a longer frame_length_ms (AudioMAE's 128 bins at 16 kHz and 25 ms leave 1)")
+
+
+def empty_mel_filters(num_mel_bins: int, sample_rate: int, frame_length_ms: float) -> tuple[int, int]:
+    """(FFT size, how many of Kaldi's triangular mel filters (20 Hz to Nyquist) hold no FFT bin): each
+    of those makes a frequency row of the fbank a constant, whatever the audio."""
+    window = int(sample_rate * frame_length_ms / 1000)
+    fft = 1 << max(0, window - 1).bit_length()  # Kaldi rounds the window up to a power of two
+    mel_low, mel_high = (1127.0 * math.log1p(f / 700.0) for f in (20.0, sample_rate / 2))
+    edges = [mel_low + i * (mel_high - mel_low) / (num_mel_bins + 1) for i in range(num_mel_bins + 2)]
+    bins = [1127.0 * math.log1p(i * sample_rate / fft / 700.0) for i in range(fft // 2)]  # ascending
+    # filter b spans (edges[b], edges[b + 2]): empty when the first bin above its left edge is past its right
+    firsts = [bisect.bisect_right(bins, edges[b]) for b in range(num_mel_bins)]
+    return fft, sum(i == len(bins) or bins[i] >= edges[b + 2] for b, i in enumerate(firsts))
 
 
 @dataclass(frozen=True)
@@ -163,12 +187,22 @@ class EncoderConfig:
     drop_path: float  # stochastic depth in pretraining (the deepest block's rate)
     def check(self, key: str) -> None:
         _positive(self, key, "embed_dim", "depth", "num_heads", "mlp_ratio")
+        _bounded_transformer(key, self.embed_dim, self.depth, self.mlp_ratio)
         if self.embed_dim % self.num_heads:
             _bad(key + ".embed_dim", self.embed_dim, f"must be divisible by num_heads ({self.num_heads})")
         if self.embed_dim % 4:
             _bad(key + ".embed_dim", self.embed_dim, "must be divisible by 4 (2-D sin-cos position embedding)")
         if not 0.0 <= self.drop_path < 1.0:
             _bad(key + ".drop_path", self.drop_path, "must be in [0, 1)")
+
+
+def _bounded_transformer(key: str, width: int, depth: int, mlp_ratio: float) -> None:
+    if depth > MAX_DEPTH:
+        _bad(key + ".depth", depth, f"more than {MAX_DEPTH} blocks (ViT-g has 40): a typo?")
+    weights = depth * width * width * (4 + 2 * mlp_ratio)  # attention 4 d^2, MLP 2 r d^2 per block
+    if weights > MAX_TRANSFORMER_WEIGHTS:
+        _bad(key, {"embed_dim": width, "depth": depth, "mlp_ratio": mlp_ratio},
+             f"{weights / 1e9:.3g} B weights, more than {MAX_TRANSFORMER_WEIGHTS / 1e9:g} B (ViT-g has 1.0 B): a typo?")
 
 
 @dataclass(frozen=True)
@@ -182,6 +216,7 @@ class PredictorConfig:
 
     def check(self, key: str) -> None:
         _positive(self, key, "embed_dim", "depth", "num_heads")
+        _bounded_transformer(key, self.embed_dim, self.depth, 4.0)
         if self.embed_dim % self.num_heads or self.embed_dim % 4:
             _bad(key + ".embed_dim", self.embed_dim, f"must be divisible by num_heads ({self.num_heads}) and by 4")
 
@@ -468,29 +503,53 @@ class Params:
 # loading
 
 
-class _Yaml12Floats(yaml.SafeLoader):
-    """PyYAML reads YAML 1.1, where `1e-06` (no dot) is a string; DVC writes floats that way
-    (`dvc exp run -S pretrain.optim.final_lr=1e-6`), so params.yaml is read with YAML 1.2 floats."""
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with three changes for parameter files. YAML 1.2 floats: PyYAML reads YAML
+    1.1, where `1e-06` (no dot) is a string, and DVC writes floats that way (`dvc exp run -S
+    pretrain.optim.final_lr=1e-6`). No aliases (`*name`): nine nested aliases of nine items make a
+    600-byte file stand for 9^9 values, which any walk or message over them expands (a YAML "billion
+    laughs"); the project's files use none. No duplicate keys: PyYAML keeps the last silently, DVC
+    refuses the file, so a stage and DVC would disagree on the value."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed (write the "
+                                              "value out: parameter files take no anchors and aliases)",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
-_Yaml12Floats.add_implicit_resolver(
+_ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-def read_yaml(text: str) -> Any:
-    """Parse params.yaml text (YAML 1.2 floats, see _Yaml12Floats)."""
-    return yaml.load(text, Loader=_Yaml12Floats)
+def read_yaml(text: str, source: str = PARAMS_FILE) -> Any:
+    """Parse the text of params.yaml or a preset (see _ParamsLoader: YAML 1.2 floats, no aliases, no
+    duplicate keys); bad YAML is one ConfigError naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_ParamsLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = read_yaml(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (run from the repository root or pass --params)") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    return parse_params(raw, source=str(path))
+    return parse_params(read_yaml(text, str(path)), source=str(path))
 
 
 def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:

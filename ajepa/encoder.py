@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -75,8 +76,9 @@ class AudioEncoder(nn.Module):
                              f"the front end makes {self.frontend.num_mel_bins}")
         if patch % HOP_FRAMES:
             raise AjepaError(f"patch size {patch} is not a multiple of the {HOP_FRAMES}-frame hop")
-        if not std > 0 or max_windows < 1:
-            raise AjepaError(f"std and max_windows must be positive, got {std} and {max_windows}")
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0) or max_windows < 1:
+            raise AjepaError(f"mean must be finite, std finite and positive, max_windows positive, got {mean}, "
+                             f"{std} and {max_windows}")
         self.encoder = encoder.eval()
         self.mean, self.std, self.max_windows = float(mean), float(std), int(max_windows)
         self.config = dict(config or {})
@@ -155,6 +157,35 @@ class AudioEncoder(nn.Module):
         owner = torch.tensor(owner, device=pooled.device)
         scene = torch.stack([pooled[owner == i].mean(0) for i in range(len(clips))])
         return scene if batched else scene[0]
+
+    @torch.no_grad()
+    def embed_stream(self, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
+        """The scene embedding [E] of one clip given as consecutive blocks [1, n] of its waveform at the
+        front end's rate (FrontEnd.stream): what `embed` gives for the whole clip, up to float rounding
+        (the mean removed before each fbank is the part's, which Kaldi's per-frame DC removal cancels),
+        in memory bounded by a block rather than by the clip."""
+        hop, length = round(self.frontend.sample_rate * self.frontend.frame_shift_ms / 1000), self.frontend.min_samples
+        window, patch = self.window_frames, self.encoder.patch_size
+        buffer, total, count = torch.zeros(1, 0), None, 0
+
+        def add(frames: torch.Tensor) -> None:
+            nonlocal total, count
+            n = -(-frames.shape[0] // window)
+            pooled = self.encode(self.normalised(frames, n * window).reshape(n, window, -1), pooled=True)
+            total = pooled.sum(0) if total is None else total + pooled.sum(0)
+            count += n
+
+        for block in blocks:
+            buffer = torch.cat([buffer, block], 1)
+            whole = (buffer.shape[1] - length) // hop + 1 if buffer.shape[1] >= length else 0
+            if whole >= window:  # the frames of whole windows now; the rest waits for the next block
+                keep = whole // window * window
+                add(self.fbank(buffer[0, :(keep - 1) * hop + length])[:keep])
+                buffer = buffer[:, keep * hop:]
+        rest = (buffer.shape[1] - length) // hop + 1 if buffer.shape[1] >= length else 0
+        if rest >= patch or count == 0:  # the last window, zero-padded, as `embed` keeps it
+            add(self.fbank(buffer[0])[:max(rest, 1)])
+        return total / count
 
     @torch.no_grad()
     def embed_frames(self, waveform, sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from ajepa import __version__
 from ajepa.atomic import atomic_path
 from ajepa.errors import AjepaError
 from ajepa.train.checkpoint import export_encoder, load_encoder_state
+from ajepa.train.finite import check_loaded
 
 __all__ = ["EXPORT_FORMAT", "WEIGHTS", "CONFIG", "CARD", "DEFAULT_EXPORT", "find_export", "read_export",
            "weights_file", "write_export", "model_card"]
@@ -84,6 +85,7 @@ def read_export(path: str | os.PathLike, encoder: str | None = None) -> tuple[Pa
     state, architecture = load_encoder_state(where / WEIGHTS)
     if architecture != config.get("architecture"):
         raise AjepaError(f"{where}: {WEIGHTS} and {CONFIG} describe different architectures")
+    check_loaded(where / CONFIG, stats=config.get("normalisation") or None)  # finite mean, finite std > 0
     return where, state, config
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from ajepa.atomic import make_parent, write_errors
 from ajepa.errors import AjepaError
 
 __all__ = ["LOCK_NAME", "state_lock"]
@@ -31,9 +32,10 @@ def state_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     """Hold the lock of `folder` (created if missing) for the block; refuse at once when another process
     holds it. `what` names the command in the message (e.g. "ajepa pretrain")."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with write_errors(folder):  # a read-only or full mount: one line, before any work
+        make_parent(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     locked = False
     try:
         try:

@@ -70,7 +70,7 @@ def _process_chunk(task):
     with torch.inference_mode():
         for k, path in enumerate(paths):
             try:
-                wav = _frontend.load(path)
+                wav = _frontend.load(path, max_frames=target_length)  # reads only what the crop keeps
                 fb = _frontend.fbank(wav)
             except UnreadableAudio as e:
                 results.append((str(e), 0, 0.0, 0.0, 0, 0.0))

@@ -30,6 +30,7 @@ import pandas as pd
 
 from ajepa.datasets.manifest import LABEL_SEPARATOR, MISSING_COLUMNS, Built
 from ajepa.datasets.sources import Located, listing_fingerprint
+from ajepa.datasets.walk import walk_files
 from ajepa.errors import AjepaError, ConfigError
 from ajepa.progress import progress
 
@@ -102,10 +103,9 @@ def index_audio(audio_dir: Path, wanted: set[str]) -> tuple[dict[str, Path], dic
     duplicates: list[str] = []
     rank = {ext: i for i, ext in enumerate(READABLE)}
     with progress(None, f"index {audio_dir}", "file") as bar:
-        for folder, dirs, files in os.walk(audio_dir, followlinks=True):
-            dirs.sort()
+        for folder, _, files in walk_files(audio_dir):  # each folder once: a link loop neither hangs nor repeats
             bar.update(len(files))
-            for name in sorted(files):
+            for name in files:
                 stem, ext = os.path.splitext(name)
                 ext = ext.lower()
                 if ext not in rank and ext not in UNREADABLE:

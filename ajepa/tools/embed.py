@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ajepa.atomic import atomic_path, write_csv
+from ajepa.atomic import atomic_path, check_replaceable, make_parent, write_csv
 from ajepa.data.frontend import UnreadableAudio
+from ajepa.datasets.walk import walk_files
 from ajepa.encoder import AudioEncoder, load_encoder
 from ajepa.errors import AjepaError
 from ajepa.export import CONFIG, weights_file
@@ -34,20 +36,38 @@ __all__ = ["AUDIO_SUFFIXES", "audio_files", "embed_files", "run"]
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff")
 _FIELDS = ("paths", "sizes", "mtimes", "seconds", "embeddings")
+# files longer than this are streamed (embed_stream) rather than read whole and batched
+STREAM_SECONDS = 30.0
 
 
 def audio_files(inputs: list[str]) -> list[Path]:
-    """The files named, and the audio files (AUDIO_SUFFIXES) under the folders named, sorted, each once."""
+    """The files named, and the names with AUDIO_SUFFIXES under the folders named (links followed, each
+    folder once: see ajepa.datasets.walk), sorted, each once. A name that is no regular file (a dangling
+    link, a FIFO, a folder called x.wav) is listed too: embed_files rejects it with its reason."""
     out = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
-        elif p.is_file():
+            out += sorted(Path(d) / f for d, dirs, files in walk_files(p) for f in dirs + files
+                          if Path(f).suffix.lower() in AUDIO_SUFFIXES)
+        elif p.exists() or p.is_symlink():
             out.append(p)
         else:
             raise AjepaError(f"{p}: no such file or folder")
     return list(dict.fromkeys(out))
+
+
+def _not_audio(path: Path) -> str | None:
+    """Why `path` cannot be read as an audio file (a dangling link, a folder, a FIFO, gone), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "dangling symbolic link" if path.is_symlink() else "file not found (deleted or moved after it was listed)"
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    if stat.S_ISDIR(mode):
+        return "a folder, not an audio file"
+    return None if stat.S_ISREG(mode) else "not a regular file (a FIFO, socket or device)"
 
 
 def _identity(model: AudioEncoder) -> str:
@@ -97,11 +117,17 @@ def _stat(path: Path) -> tuple[int, int]:
     return s.st_size, s.st_mtime_ns
 
 
+def _names(out: Path) -> tuple[Path, Path, Path]:
+    """FILE.csv, FILE.rejects.csv and FILE.npz.parts/ of --out FILE.npz."""
+    return out.with_suffix(".csv"), out.with_name(out.stem + ".rejects.csv"), out.with_name(out.name + ".parts")
+
+
 def _write_outputs(out: Path, rows: list[tuple], rejects: list[tuple[str, str]], identity: str) -> None:
+    index, rejected, _ = _names(out)
     _save(out, rows, identity)
-    write_csv(out.with_suffix(".csv"), pd.DataFrame({"row": range(len(rows)), "path": [r[0] for r in rows],
-                                                     "seconds": [round(r[3], 3) for r in rows]}))
-    write_csv(out.with_name(out.stem + ".rejects.csv"), pd.DataFrame(rejects, columns=["path", "reason"]))
+    write_csv(index, pd.DataFrame({"row": range(len(rows)), "path": [r[0] for r in rows],
+                                   "seconds": [round(r[3], 3) for r in rows]}))
+    write_csv(rejected, pd.DataFrame(rejects, columns=["path", "reason"]))
 
 
 def embed_files(model: AudioEncoder, files: list[Path], out: str | Path, batch_size: int = 16,
@@ -109,12 +135,15 @@ def embed_files(model: AudioEncoder, files: list[Path], out: str | Path, batch_s
     """Scene embeddings of `files` into `out` and its index and rejects lists (see the module docstring).
     Returns {"clips", "reused", "rejects": [(path, reason), ...]}."""
     out = Path(out)
-    parts, identity = out.with_name(out.name + ".parts"), _identity(model)
+    parts, identity = _names(out)[2], _identity(model)
+    rejects = [(str(f), why) for f in files if (why := _not_audio(f)) is not None]
+    bad = {path for path, _ in rejects}
+    files = [f for f in files if str(f) not in bad]
     keys = {str(f): _stat(f) for f in files}
     done = {p: r for p, r in _earlier(out, parts, identity).items() if p in keys and r[1:3] == keys[p]}
     reused, todo = len(done), [f for f in files if str(f) not in done]
     n_parts = len(list(parts.glob("part-*.npz"))) if parts.is_dir() else 0
-    rejects, pending, batch = [], [], []
+    pending, batch = [], []
     bar = progress(len(todo), "embed", "clip", enabled=enable_progress)
 
     def embed_batch() -> None:
@@ -132,7 +161,12 @@ def embed_files(model: AudioEncoder, files: list[Path], out: str | Path, batch_s
 
     for f in todo:
         try:
-            batch.append((f, model.frontend.load(f)[0]))
+            if (seconds := model.frontend.seconds(f)) <= STREAM_SECONDS:
+                batch.append((f, model.frontend.load(f)[0]))
+            else:  # a long file is read, resampled and embedded a block at a time (memory: one block)
+                scene = model.embed_stream(model.frontend.stream(f, STREAM_SECONDS)).cpu().numpy()
+                pending.append((str(f), *keys[str(f)], seconds, scene))
+                bar.update(1)
         except (UnreadableAudio, OSError) as e:
             rejects.append((str(f), " ".join(str(e).split()) or type(e).__name__))
             bar.update(1)
@@ -164,6 +198,9 @@ def run(args) -> str:
         raise AjepaError(f"--out {out}: must end in .npz (Parquet would need pyarrow, not a dependency of ajepa)")
     if args.batch_size < 1 or args.save_every < 1:
         raise AjepaError(f"--batch-size and --save-every must be at least 1, got {args.batch_size}, {args.save_every}")
+    make_parent(out)  # before any work: a file in the way of --out's folder, a folder in the way of an output
+    for path, kind in zip((out, *_names(out)), ("file", "file", "file", "folder")):
+        check_replaceable(path, kind)
     files = audio_files(args.inputs)
     if not files:
         raise AjepaError(f"no audio files ({' '.join(AUDIO_SUFFIXES)}) in {', '.join(args.inputs)}")
@@ -177,6 +214,6 @@ def run(args) -> str:
              f"index {out.with_suffix('.csv')}"]
     if r["rejects"]:
         path, reason = r["rejects"][0]
-        lines.append(f"  {len(r['rejects'])} unreadable, listed in {out.with_name(out.stem + '.rejects.csv')}; "
+        lines.append(f"  {len(r['rejects'])} unreadable, listed in {_names(out)[1]}; "
                      f"first: {path}: {reason}")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import yaml
 
-from ajepa.config import parse_params
+from ajepa.config import parse_params, read_yaml
 from ajepa.tools.presets import load_preset, merge, preset_path
 
 CPU_ENV = "AJEPA_GPU_CHECK_CPU"  # set to 1: the miniature on the CPU when there is no CUDA device
@@ -43,7 +43,7 @@ def settings(params_file: str, miniature: bool) -> dict:
     """The temporary project's params: the embedded default (or, for the miniature, its smoke preset)
     pretraining on the synthetic pool only, in one process, with a checkpoint every 10 steps so the kill
     lands early, and the downstream stages cut to one benchmark and a short fine-tuning."""
-    p = yaml.safe_load(Path(params_file).read_text())
+    p = read_yaml(Path(params_file).read_text(), str(params_file))
     if miniature:
         merge(p, load_preset(preset_path("smoke")))
         merge(p, {"datasets": {"synth": {"prepare": {"pool_clips": 48}}},
@@ -115,7 +115,7 @@ def check_paper_step(params_file: str, miniature: bool) -> dict:
     """bf16 steps at the paper's size (the miniature: the smoke size, fp32 on the CPU): MFU, peak memory."""
     from ajepa.tools.bench import bench_pretrain
 
-    p = yaml.safe_load(Path(params_file).read_text())
+    p = read_yaml(Path(params_file).read_text(), str(params_file))
     merge(p, load_preset(preset_path("smoke" if miniature else "paper")))
     size = dict(batch=4, steps=1) if miniature else dict(encoder="base", target_length=1024, batch=64,
                                                           predictor_dim=512, predictor_depth=16, steps=6)

@@ -51,12 +51,11 @@ def available() -> list[str]:
 def load_preset(path: str | Path) -> dict:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         known = ", ".join(available()) or f"none in {PRESET_DIR}/"
         raise AjepaError(f"{path}: no such preset (known: {known})") from None
-    except yaml.YAMLError as e:
-        raise AjepaError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    raw = read_yaml(text, str(path))  # the loader of params.yaml: no aliases, no duplicate keys
     if not isinstance(raw, dict) or not raw:
         raise AjepaError(f"{path}: a preset must be a non-empty mapping of params.yaml keys")
     return raw
@@ -99,6 +98,7 @@ def apply_preset(name: str | Path, params_file: str | Path = PARAMS_FILE, dry_ru
     rt = _round_trip()
     try:
         text = params_file.read_text()
+        read_yaml(text, str(params_file))  # refuses what ruamel would keep: aliases, duplicate keys
         doc = rt.load(text)
     except FileNotFoundError:
         raise ConfigError(f"{params_file}: not found (run from the repository root or pass --params)") from None

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from ajepa.atomic import atomic_path
 from ajepa.errors import AjepaError
+from ajepa.train.finite import check_loaded
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "export_encoder",
            "load_encoder_state", "config_hash", "file_sha256", "check_state", "load_fitting", "load_optimizer",
@@ -216,6 +217,7 @@ def load_encoder_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise AjepaError(f"{path}: not an ajepa encoder export (metadata format {found!r})")
     _check_encoder(path, tensors, info["config"])
+    check_loaded(path, tensors)  # finite floating-point weights: a NaN would make every embedding NaN
     return tensors, info["config"]
 
 

@@ -44,7 +44,8 @@ for name, items in dvcp.groups(STAGES).items():
             launcher=torchrun_launcher if name == "pretrain" else "",
         wildcard_constraints:
             item="|".join(items) or "-",
-        threads: workflow.cores if name in ALL_CORES else 1
+        # a function, read per job: `snakemake --unlock` (or --list-rules) runs without --cores
+        threads: (lambda wildcards: workflow.cores) if name in ALL_CORES else 1
         resources:
             **RESOURCES.get(name, {}),
         log:
