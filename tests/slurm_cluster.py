@@ -171,8 +171,9 @@ class Cluster:
             "JobAcctGatherType=jobacct_gather/none", "ReturnToService=2", "SchedulerType=sched/backfill",
             # a job that asks no memory gets DefMemPerCPU per core, not the whole node
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory", "DefMemPerCPU=500",
-            # the time limit is the limit (no grace), SIGKILL 5 s after SIGTERM, finished jobs stay visible
-            "OverTimeLimit=0", "KillWait=5", "MinJobAge=600", "InactiveLimit=0",
+            # the time limit is the limit (no grace); SIGKILL 30 s after SIGTERM (SLURM's default: time to save on
+            # a loaded machine); finished jobs stay visible to the plugin's status queries
+            "OverTimeLimit=0", "KillWait=30", "MinJobAge=600", "InactiveLimit=0",
             # sacct shows the comment, where snakemake-executor-plugin-slurm names the rule
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStoreFlags=job_comment", "AccountingStorageHost=127.0.0.1",
             f"AccountingStoragePort={ports['slurmdbd']}",
