@@ -97,7 +97,8 @@ class Cluster:
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """A client command (sbatch, sacct, sacctmgr, ...) against this cluster, with `env` added to its
         environment (and so to a job's)."""
-        r = subprocess.run([_program(cmd[0]), *cmd[1:]], capture_output=True, text=True, env={**self.env, **(env or {})},
+        r = subprocess.run([_program(cmd[0]), *cmd[1:]], capture_output=True, text=True, check=False,
+                           env={**self.env, **(env or {})},
                            timeout=timeout, stdin=subprocess.DEVNULL)
         if check and r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
@@ -122,7 +123,7 @@ class Cluster:
 
     # --- start ----------------------------------------------------------------------------------------
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         """Start munged, MariaDB, slurmdbd, slurmctld and slurmd; register the cluster and the account."""
         reason = unavailable()
         if reason:
@@ -175,7 +176,8 @@ class Cluster:
             # a loaded machine); finished jobs stay visible to the plugin's status queries
             "OverTimeLimit=0", "KillWait=30", "MinJobAge=600", "InactiveLimit=0",
             # sacct shows the comment, where snakemake-executor-plugin-slurm names the rule
-            "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStoreFlags=job_comment", "AccountingStorageHost=127.0.0.1",
+            "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStoreFlags=job_comment",
+            "AccountingStorageHost=127.0.0.1",
             f"AccountingStoragePort={ports['slurmdbd']}",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb * 9 // 10} State=UNKNOWN",
             "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
@@ -215,7 +217,7 @@ class Cluster:
                                       f"--log-file={folder / 'munged.log'}", f"--pid-file={folder / 'munged.pid'}",
                                       f"--seed-file={folder / 'munged.seed'}"])
         self._wait("munged answers", lambda: subprocess.run(
-            [_program("munge"), "-n", "-S", str(sock)], capture_output=True).returncode == 0)
+            [_program("munge"), "-n", "-S", str(sock)], capture_output=True, check=False).returncode == 0)
 
     def _start_mariadb(self, port: int) -> None:
         db = self.state / "db"
@@ -234,7 +236,8 @@ class Cluster:
         sql = (f"CREATE USER IF NOT EXISTS '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{DB_PASSWORD}'; "
                f"GRANT ALL ON slurm_acct_db.* TO '{DB_USER}'@'127.0.0.1';")
         client = [_program("mariadb"), "--no-defaults", f"--socket={sock}", "-u", "root", "-e"]
-        self._wait("MariaDB answers", lambda: subprocess.run(client + ["SELECT 1"], capture_output=True).returncode == 0)
+        self._wait("MariaDB answers",
+                   lambda: subprocess.run(client + ["SELECT 1"], capture_output=True, check=False).returncode == 0)
         self._check(client + [sql], db / "setup.log")
 
     def _register(self) -> None:
@@ -248,8 +251,7 @@ class Cluster:
             self.run("sacctmgr", "-i", "modify", "user", "root", "set", f"DefaultAccount={ACCOUNT}")
 
     def _start_daemon(self, name: str, cmd: list[str]) -> None:
-        log = open(self.state / "log" / f"{name}.out", "ab")
-        with log:
+        with open(self.state / "log" / f"{name}.out", "ab") as log:
             p = subprocess.Popen([_program(cmd[0]), *cmd[1:]], stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.children[p.pid] = p
@@ -274,7 +276,7 @@ class Cluster:
             time.sleep(0.2)
 
     def _check(self, cmd: list[str], log: Path) -> None:
-        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
         log.write_text(r.stdout + r.stderr)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}); see {log}:\n{r.stderr[-2000:]}")

@@ -10,7 +10,6 @@ import shutil
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, make_project_copy, run, tiny_params
 from slurm_cluster import Cluster, unavailable
 
@@ -66,7 +65,8 @@ def test_slurm_profile_runs_the_smoke_pipeline_through_sbatch(cluster, tmp_path)
     r = run(["snakemake", "--profile", str(profile)], root, env=cluster.env, timeout=900)
     out = r.stdout + r.stderr
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", out)
-    assert len(submitted) == 12, out  # every job but `all`: prepare, features, pool x 2; pretrain; linear, finetune x 2; report
+    # every job but `all`: prepare, features, pool x 2; pretrain; linear, finetune x 2; report
+    assert len(submitted) == 12, out
     jobs = {rule: [j for j in js if j["id"] in submitted] for rule, js in _jobs(cluster).items()}
     assert {rule: len(js) for rule, js in jobs.items() if js} == {
         "prepare": 2, "features": 2, "pool": 2, "pretrain": 1, "linear": 2, "finetune": 2, "report": 1}
