@@ -24,6 +24,7 @@ from ajepa.data.augment import ClipAugment
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.errors import AjepaError
 from ajepa.masks import MaskGenerator, Masks
+from ajepa.seeding import numpy_rng
 
 __all__ = ["SpectrogramDataset", "StepBatchSampler", "MaskCollator", "PretrainBatch", "pretrain_loader",
            "pretrain_augment"]
@@ -102,8 +103,7 @@ class StepBatchSampler:
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        # SeedSequence mixes the (seed, epoch) pair itself: no two pairs share a stream, unlike seed + epoch.
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+        return numpy_rng(self.seed, "epoch", epoch).permutation(self.n_items)
 
     def indices(self, step: int) -> list[int]:
         """This rank's item indices at `step` (a pure function of the constructor's arguments and step)."""
