@@ -6,7 +6,8 @@ do `kill`, `docker stop` and `systemctl stop`. Inside `StopSignals()` both signa
 at once: every output is written to a temporary name and renamed into place, so stopping anywhere
 leaves the old output or the new one, and the temporaries are removed on the way out. A training loop
 that can save at a step boundary uses `StopSignals(deferred=True)`: the first signal only records
-itself, the loop polls `requested()` after each step, saves and stops; a second signal stops at once.
+itself, the loop polls `requested()` after each step, saves and stops; a second signal stops at once (the
+same signal within RELAYED_S of the first counts as the first: a launcher relaying it).
 A raise that lands where Python ignores exceptions (a fork callback of a process pool, a __del__)
 is not lost: the signal is sent again a moment later. Forked workers that inherit the handlers keep
 their old behaviour (a pool's terminate() sends them SIGTERM; they end quietly, as before).
@@ -18,12 +19,16 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from ajepa.errors import Interrupted
 
 __all__ = ["StopSignals", "signal_name"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A signal repeated this soon after the first is the same request: slurmstepd signals every process of
+# the step, and torch's launcher, signalled too, passes the signal on to the processes it started.
+RELAYED_S = 2.0
 
 
 def signal_name(signum: int) -> str:
@@ -37,6 +42,7 @@ class StopSignals:
     def __init__(self, deferred: bool = False):
         self.deferred = deferred
         self.signum: int | None = None
+        self._first = 0.0
         self._previous: dict[int, object] = {}
         self._previous_hook = None
         self._pid = os.getpid()
@@ -52,8 +58,10 @@ class StopSignals:
             self._pass_on(signum, frame)
             return
         if self.deferred and self.signum is None:
-            self.signum = signum
+            self.signum, self._first = signum, time.monotonic()
             return
+        if self.deferred and signum == self.signum and time.monotonic() - self._first < RELAYED_S:
+            return  # the same stop again: a launcher relays to its processes the signal the group already got
         raise Interrupted(signum, f"stopped by {signal_name(signum)}")
 
     def _pass_on(self, signum: int, frame) -> None:

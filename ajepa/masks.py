@@ -54,11 +54,12 @@ Determinism
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
+
+from ajepa.seeding import torch_generator
 
 Grid = tuple[int, int]
 MODES = ("curriculum", "block", "tf", "inverse")
@@ -214,9 +215,7 @@ class MaskGenerator:
         self.tf_kw = dict(num_targets=tf_num_targets, scale=tf_scale, **ctx)
 
     def _generator(self, step: int) -> torch.Generator:
-        # Hash rather than e.g. seed*C + step so that no two (seed, step) pairs collide.
-        digest = hashlib.blake2b(f"{self.seed}:{step}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return torch_generator(self.seed, step)
 
     def _draw_mode(self, g: torch.Generator, step: int) -> str:
         if self.mode in ("block", "tf"):

@@ -56,15 +56,15 @@ def test_accumulated_pretraining_step_equals_the_full_batch_step(micro):
     trainer = build(cfg, GRID, 16, steps_per_epoch=10, device=torch.device("cpu"))
     # float64: Adam's first step is about lr * sign(gradient), which turns float32 rounding in a gradient
     # that should be 0 (the attention keys' bias) into a whole +-lr step
-    trainer.model.double()
+    trainer["model"].double()
     split = copy.deepcopy(trainer)
     m = MaskGenerator(GRID, mode="block", seed=0)(8, 0)
     x = torch.randn(8, 96, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    losses = [train_step(t.model, t.optimizer, x, m.context, m.targets, 0.99, 1.0, micro_batch=mb)
+    losses = [train_step(t["model"], t["optimizer"], x, m.context, m.targets, 0.99, 1.0, micro_batch=mb)
               for t, mb in ((trainer, None), (split, micro))]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
-    assert split.model.last_target.shape == trainer.model.last_target.shape  # the whole batch's targets
-    _close(trainer.model.state_dict(), split.model.state_dict(), atol=1e-12, rtol=1e-10)  # and the EMA target
+    assert split["model"].last_target.shape == trainer["model"].last_target.shape  # the whole batch's targets
+    _close(trainer["model"].state_dict(), split["model"].state_dict(), atol=1e-12, rtol=1e-10)  # and the EMA
 
 
 def _task(n=32, classes=4):
@@ -83,7 +83,7 @@ def _task(n=32, classes=4):
 
 
 @pytest.mark.parametrize("micro", [2, 4, 3])
-def test_accumulated_finetuning_step_equals_the_full_batch_step(micro):
+def test_accumulated_finetuning_step_equals_the_full_batch_step(micro, tmp_path):
     task = _task()
     # mixup and SpecAugment act on the whole batch before it is split; nothing random inside the step
     cfg = dataclasses.replace(load_params(REPO / "params.yaml").recipe("synth"), batch_size=8, head_init="zero",
@@ -93,17 +93,17 @@ def test_accumulated_finetuning_step_equals_the_full_batch_step(micro):
     for mb in (None, micro):
         torch.manual_seed(0)
         run = finetune.build(SpectrogramEncoder((2, 8), 16, 32, 2, 2), task, task.splits[0], cfg,
-                             torch.device("cpu"))
+                             torch.device("cpu"), tmp_path / "state.pt", "hash")
         run.model.double()  # as in the pretraining test: Adam's first step amplifies float32 rounding
         run.micro_batch = mb
         g = torch.Generator().manual_seed(5)
         x, y = finetune.augment(task.clips(task.splits[0].train[:8]).double(), torch.eye(4, dtype=torch.float64)[task.y[:8]],
                                 cfg, -5.0, 4.0, g,
                                 partners=lambda n: finetune.mixup_partners(task, task.splits[0], n, g))
-        runs.append((run, finetune.train_step(run, x, y, cfg, g, torch.autocast("cpu", enabled=False))))
+        runs.append((run, finetune.train_step(run, x, y, cfg, g)))
     (full, loss_full), (split, loss_split) = runs
     assert loss_full == pytest.approx(loss_split, rel=1e-6)
-    assert full.lr.current_step == split.lr.current_step == 1  # the schedule stepped once
+    assert full.parts["lr"].current_step == split.parts["lr"].current_step == 1  # the schedule stepped once
     _close(full.model.state_dict(), split.model.state_dict(), atol=1e-12, rtol=1e-10)
 
 

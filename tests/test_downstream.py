@@ -185,6 +185,7 @@ def _spectrogram_task(n=48, classes=4, grid=(2, 8)):
 def test_interrupted_finetuning_resumes_to_the_same_result(tmp_path, monkeypatch):
     from ajepa.downstream import finetune
     from ajepa.models import SpectrogramEncoder
+    from ajepa.train import engine
 
     task = _spectrogram_task()
     # every random part of the recipe is on: mixup, roll, SpecAugment, drop path, regularized masking
@@ -202,7 +203,7 @@ def test_interrupted_finetuning_resumes_to_the_same_result(tmp_path, monkeypatch
 
     straight = run("straight")
     saves = []
-    real_save = finetune.save_checkpoint
+    real_save = engine.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
@@ -210,12 +211,12 @@ def test_interrupted_finetuning_resumes_to_the_same_result(tmp_path, monkeypatch
         if len(saves) == 2:
             raise KeyboardInterrupt  # killed right after epoch 2's checkpoint
 
-    monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
     assert saves == [1, 2]
     saves.clear()
-    monkeypatch.setattr(finetune, "save_checkpoint", lambda path, state: (real_save(path, state),
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: (real_save(path, state),
                                                                          saves.append(state["epoch"])))
     resumed = run("resumed")
     assert saves == [3]  # it went on from epoch 2 rather than starting again

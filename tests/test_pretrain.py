@@ -42,9 +42,18 @@ def _paths(root):
 
 
 def _train(cfg, store_dir, out, **kw):
-    losses = {}
-    r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(),
-                 open_log=open_live(out / "live"), on_step=lambda s, loss: losses.__setitem__(s, loss),
+    """Train; the loss of every logged step (the smoke preset logs every step) as the tracker receives it."""
+    losses, live = {}, open_live(out / "live")
+
+    def open_log(start):
+        log = live(start)
+
+        def both(step, metrics):
+            losses[step] = metrics["train/loss"]
+            log(step, metrics)
+        return both
+
+    r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(), open_log=open_log,
                  enable_progress=False, **kw)
     return r, losses
 

@@ -263,10 +263,10 @@ def _task(counts: list[int]) -> Task:
 def test_balanced_sampling_evens_out_the_classes():
     task = _task([180, 20])  # 9:1, as SPC-1's _unknown_ against a word
     split = task.splits[0]
-    plain = finetune._epoch_order(task, split, _recipe(), 0)
+    plain = finetune.epoch_order(task, split, _recipe(), 0)
     assert sorted(plain.tolist()) == sorted(split.train.tolist())  # one pass, each clip once
     cfg = _recipe(balanced_sampling=True, balanced_replacement=True, samples_per_epoch=4000)
-    drawn = task.y[finetune._epoch_order(task, split, cfg, 0)]
+    drawn = task.y[finetune.epoch_order(task, split, cfg, 0)]
     assert abs(float((drawn == 1).float().mean()) - 0.5) < 0.04
     assert float((task.y[plain] == 1).float().mean()) == pytest.approx(0.1)
 
@@ -275,11 +275,11 @@ def test_balanced_sampling_without_replacement_draws_no_clip_twice():
     task = _task([180, 20])
     split = task.splits[0]
     cfg = _recipe(balanced_sampling=True, balanced_replacement=False, samples_per_epoch=60)
-    order = finetune._epoch_order(task, split, cfg, 0)
+    order = finetune.epoch_order(task, split, cfg, 0)
     assert len(set(order.tolist())) == 60
     assert float((task.y[order] == 1).float().mean()) > 0.2  # still biased towards the rare class (10% of clips)
     with pytest.raises(AjepaError, match="balanced_replacement"):
-        finetune._epoch_order(task, split, dataclasses.replace(cfg, samples_per_epoch=201), 0)
+        finetune.epoch_order(task, split, dataclasses.replace(cfg, samples_per_epoch=201), 0)
 
 
 # ------------------------------------------------------------------------------------------------

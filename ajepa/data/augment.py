@@ -30,6 +30,8 @@ import math
 import numpy as np
 import torch
 
+from ajepa.seeding import numpy_rng
+
 __all__ = ["MIX_ALPHA", "beta_draws", "mixup_draws", "power_mix", "mix_targets", "roll_time", "scale_magnitude",
            "add_noise", "ClipAugment"]
 
@@ -100,7 +102,7 @@ class ClipAugment:
         self.stds, self.starts = [float(s) for s in stds], np.asarray(starts, dtype=np.int64)
 
     def __call__(self, z: torch.Tensor, step: int, i: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, int(step), int(i)])
+        rng = numpy_rng(self.seed, "clip", int(step), int(i))
         if self.roll:
             z = torch.roll(z, int(rng.integers(z.shape[0])), dims=0)
         if self.magnitude:

@@ -13,6 +13,7 @@ therefore the same run (same clips, same masks) as world size 1 with batch 2B.
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -24,9 +25,10 @@ from ajepa.data.augment import ClipAugment
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.errors import AjepaError
 from ajepa.masks import MaskGenerator, Masks
+from ajepa.seeding import numpy_rng
 
 __all__ = ["SpectrogramDataset", "StepBatchSampler", "MaskCollator", "PretrainBatch", "pretrain_loader",
-           "pretrain_augment"]
+           "pretrain_augment", "ignore_stop_signals"]
 
 
 class SpectrogramDataset(Dataset):
@@ -102,8 +104,7 @@ class StepBatchSampler:
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        # SeedSequence mixes the (seed, epoch) pair itself: no two pairs share a stream, unlike seed + epoch.
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+        return numpy_rng(self.seed, "epoch", epoch).permutation(self.n_items)
 
     def indices(self, step: int) -> list[int]:
         """This rank's item indices at `step` (a pure function of the constructor's arguments and step)."""
@@ -209,6 +210,16 @@ class _StepKeys:
         return len(self.sampler)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's init: SIGINT and SIGTERM ignored. Both go to the whole process group (Ctrl-C;
+    slurmstepd at a time limit), and the training process saves at the end of its step and then closes
+    its loader; a worker that died of the signal would make the DataLoader raise inside that step
+    instead, and the work since the last checkpoint would be lost. The workers still end with the
+    training process (DataLoader's watchdog) and on SIGKILL."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGenerator, seed: int,
                     start_step: int = 0, total_steps: int | None = None, num_workers: int = 0,
                     rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
@@ -225,6 +236,7 @@ def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGe
         collate_fn=MaskCollator(mask_generator, rank, world_size),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         # Its own generator: otherwise every iter(loader) draws a base seed from the global torch RNG,
         # shifting the dropout/drop-path stream by one draw at each resume.

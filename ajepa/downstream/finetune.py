@@ -16,38 +16,40 @@ score and scores the test clips once with that epoch's weights. Per step, in thi
 Layer-wise lr decay (BEiT/AudioMAE): block l of L trains at lr * decay^(L + 1 - l), the patch
 embedding at decay^(L + 1), the norms and the head at the full lr. Warmup then cosine per step.
 
-Every random draw comes from generators seeded by (seed, epoch) or (seed, step), and a checkpoint
-after every epoch holds the whole state, so an interrupted run resumes to the same result.
+What is fine-tuning's own: the model (Classifier), the batch (StepBatches, then `augment`) and the
+loss; the engine (ajepa.train.engine) runs the rest, as it does for pretraining. Every random draw
+comes from a stream named by (seed, epoch) or (seed, step) (ajepa.seeding), and a checkpoint after
+every epoch holds the whole state, so an interrupted run resumes to the same result.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from torch.utils.data import Dataset
 
 from ajepa.config import FinetuneConfig
 from ajepa.data.augment import add_noise, mix_targets, mixup_draws, power_mix, roll_time, scale_magnitude
 from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.errors import AjepaError
-from ajepa.models import SpectrogramEncoder, set_activation_checkpointing
-from ajepa.train.checkpoint import (check_state, load_checkpoint, load_fitting, load_optimizer, restoring, rng_state,
-                                    save_checkpoint, set_rng_state)
-from ajepa.train.compute import accumulate, fits_in_cuda_memory, resolve_micro_batch
-from ajepa.train.finite import NonFinite, check_loss, check_weights
+from ajepa.models import SpectrogramEncoder
+from ajepa.progress import progress
+from ajepa.seeding import torch_generator
+from ajepa.train.checkpoint import check_state, restoring
+from ajepa.train.engine import Engine, single_process
 from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
-__all__ = ["Classifier", "augment", "spec_augment", "mixup_partners", "finetune_run", "RunResult", "PROBE_L2"]
+__all__ = ["Classifier", "augment", "spec_augment", "mixup_partners", "epoch_order", "StepBatches", "FinetuneBatch",
+           "build", "train_step", "finetune_run", "RunResult", "PROBE_L2"]
 
 PROBE_L2 = [0.1, 0.01, 0.001, 0.0001]  # LP-FT's probe: the strengths the linear probe tries by default
 
@@ -189,9 +191,9 @@ def predict(model: Classifier, task: Task, positions: np.ndarray, batch_size: in
     return torch.cat(out)
 
 
-def _epoch_order(task: Task, split: EvalSplit, cfg: FinetuneConfig, epoch: int) -> np.ndarray:
-    """The training clips (store positions) of one epoch, drawn from a generator seeded by (seed, epoch)."""
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+def epoch_order(task: Task, split: EvalSplit, cfg: FinetuneConfig, epoch: int) -> np.ndarray:
+    """The training clips (store positions) of one epoch, drawn from the stream (seed, epoch)."""
+    g = torch_generator(cfg.seed, "finetune-epoch", epoch)
     n = cfg.samples_per_epoch or len(split.train)
     if cfg.balanced_sampling:
         y = _one_hot(task.y[split.train], len(task.classes))
@@ -213,125 +215,123 @@ def mixup_partners(task: Task, split: EvalSplit, n: int, g: torch.Generator) -> 
     return task.clips(idx), _one_hot(task.y[idx], len(task.classes))
 
 
-@dataclass
-class FinetuneState:
-    """What one fine-tuning run updates, and what its checkpoint holds."""
+class FinetuneBatch(NamedTuple):
+    """The clips of one fine-tuning step, before augmentation."""
 
-    model: Classifier
-    optimizer: torch.optim.Optimizer
-    lr: WarmupCosine
-    steps_per_epoch: int
+    x: torch.Tensor  # [B, T, F] normalised log-mels
+    y: torch.Tensor  # [B, C] float targets
+    x2: torch.Tensor  # [B, T, F] mixup partner candidates (the first n serve the n mixed clips); [0] without mixup
+    y2: torch.Tensor  # [B, C] their targets
+    step: int
+
+    def pin_memory(self) -> "FinetuneBatch":
+        return FinetuneBatch(*(t.pin_memory() for t in self[:4]), self.step)
+
+
+class StepBatches(Dataset):
+    """`batches[step]`: the clips of fine-tuning step `step`, a pure function of (seed, step): epoch
+    step // steps_per_epoch's order (`epoch_order`), and partner candidates from the stream (seed, step)."""
+
+    def __init__(self, task: Task, split: EvalSplit, cfg: FinetuneConfig, steps_per_epoch: int):
+        self.task, self.split, self.cfg, self.steps_per_epoch = task, split, cfg, steps_per_epoch
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def __getitem__(self, step: int) -> FinetuneBatch:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, epoch_order(self.task, self.split, self.cfg, epoch)
+        size, classes = self.cfg.batch_size, len(self.task.classes)
+        idx = self._order[b * size:(b + 1) * size]
+        if self.cfg.mixup > 0:
+            x2, y2 = mixup_partners(self.task, self.split, size, torch_generator(self.cfg.seed, "finetune-mixup", step))
+        else:
+            x2, y2 = torch.empty(0), torch.empty(0)
+        return FinetuneBatch(self.task.clips(idx), _one_hot(self.task.y[idx], classes), x2, y2, step)
+
+
+@dataclass
+class FinetuneProgress:
+    """A fine-tuning run's counters, kept in its checkpoint beside the engine's parts."""
+
     epoch: int = 0  # epochs done
     best_score: float = -math.inf
     best_epoch: int = 0
     best_state: dict | None = None
     history: list = field(default_factory=list)
-    micro_batch: int | None = None  # clips per forward/backward (None: the whole batch); not checkpointed
 
-    def checkpoint(self, run_hash: str) -> dict:
-        return {"run_hash": run_hash, "epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "lr": self.lr.state_dict(), "rng": rng_state(),
-                "best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state,
-                "history": self.history}
-
-    def resume(self, state_path: Path, run_hash: str) -> None:
-        """Continue from `state_path` when it holds this run (same hash); otherwise start afresh."""
-        if not state_path.exists():
-            return
-        state = load_checkpoint(state_path, map_location="cpu")
-        if state.get("run_hash") != run_hash:
-            return
-        with restoring(state_path):
-            load_fitting(self.model, state["model"], f"{state_path} [model]")
-            if state["best_state"] is not None:  # loaded only at the end: checked now, not after the last epoch
-                check_state({k: v.shape for k, v in self.model.state_dict().items()}, state["best_state"],
-                            f"{state_path} [best_state]")
-            load_optimizer(self.optimizer, state["optimizer"], f"{state_path} [optimizer]")
-            self.lr.load_state_dict(state["lr"])
-            set_rng_state(state["rng"])
-            self.epoch, self.best_score, self.best_epoch = int(state["epoch"]), float(state["best_score"]), \
-                int(state["best_epoch"])
-            self.best_state, self.history = state["best_state"], list(state["history"])
+    def counters(self) -> dict:
+        return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_state": self.best_state, "history": self.history}
 
 
-def build(encoder: SpectrogramEncoder, task: Task, split: EvalSplit, cfg: FinetuneConfig,
-          device: torch.device) -> FinetuneState:
-    """The classifier (its head from the linear probe with cfg.head_init "probe"), AdamW with layer-wise
-    lr decay, and warmup-cosine per step."""
+def steps_per_epoch(cfg: FinetuneConfig, split: EvalSplit) -> int:
+    return max(1, (cfg.samples_per_epoch or len(split.train)) // cfg.batch_size)
+
+
+def build(encoder: SpectrogramEncoder, task: Task, split: EvalSplit, cfg: FinetuneConfig, device: torch.device,
+          state_path: Path, run_hash: str, name: str = "finetune") -> Engine:
+    """The run's engine: the classifier (its head from the linear probe with cfg.head_init "probe"), AdamW
+    with layer-wise lr decay and warmup-cosine per step, checkpointed to `state_path`."""
     model = Classifier(encoder, len(task.classes), cfg.pooling, cfg.head_norm).to(device)
     if cfg.head_init == "probe":
         probe_head(model, task, split, PROBE_L2, cfg.batch_size * 2, device)
-    train_clips = len(split.train)
     opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
                             betas=(0.9, 0.999))
-    steps_per_epoch = max(1, (cfg.samples_per_epoch or train_clips) // cfg.batch_size)
-    lr = WarmupCosine(cfg.lr, cfg.final_lr, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch,
-                      optimizer=opt)
-    return FinetuneState(model, opt, lr, steps_per_epoch)
+    total = steps_per_epoch(cfg, split)
+    lr = WarmupCosine(cfg.lr, cfg.final_lr, round(cfg.warmup_epochs * total), cfg.epochs * total, optimizer=opt)
+    return Engine(name, {"model": model, "optimizer": opt, "lr": lr}, single_process(device), state_path, run_hash)
 
 
-def train_step(run: FinetuneState, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Generator,
-               autocast) -> float:
-    """One optimiser step on an augmented batch (regularized masking drawn from `g`, micro-batch after
-    micro-batch when the batch is split); returns the loss."""
-    run.lr.step()
+def train_step(engine: Engine, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, g: torch.Generator) -> float:
+    """One optimiser step on an augmented batch (regularized masking drawn from `g`); returns the loss."""
+    engine.parts["lr"].step()
 
-    def loss_of(rows: slice) -> torch.Tensor:
-        with autocast:
-            logits = run.model(x[rows], key_mask_ratio=cfg.key_mask_ratio, generator=g)
+    def loss_of(model: nn.Module, rows: slice) -> torch.Tensor:
+        logits = model(x[rows], key_mask_ratio=cfg.key_mask_ratio, generator=g)
         return _loss(logits.float(), y[rows], cfg.loss)
-
-    run.optimizer.zero_grad(set_to_none=True)
-    value = float(accumulate(run.model, len(x), run.micro_batch, loss_of))
-    check_loss(value)  # before the update: the model keeps its last finite state
-    run.optimizer.step()
-    check_weights(run.model)
-    return value
+    return engine.step(len(x), loss_of)
 
 
-def configure_compute(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneConfig,
-                      device: torch.device, autocast) -> None:
-    """Activation checkpointing as configured, and the micro-batch size (`auto`: probed on CUDA with a
-    forward/backward of real training clips at decreasing sizes)."""
-    if cfg.activation_checkpointing:
-        set_activation_checkpointing(run.model)
-    if cfg.micro_batch != "auto" or device.type != "cuda":
-        run.micro_batch = resolve_micro_batch(cfg.micro_batch, cfg.batch_size, device)
-        return
-    x = task.clips(np.resize(split.train, cfg.batch_size)).to(device)
-    run.model.train()
-
-    def forward_backward(size: int) -> None:
-        try:
-            with autocast:
-                logits = run.model(x[:size], key_mask_ratio=cfg.key_mask_ratio)
-            logits.float().logsumexp(1).mean().backward()
-        finally:
-            run.model.zero_grad(set_to_none=True)
-
-    # AdamW's two moments, not allocated before the first step
-    reserve = 2 * sum(p.numel() * p.element_size() for p in run.model.parameters())
-    run.micro_batch = resolve_micro_batch("auto", cfg.batch_size, device,
-                                          lambda m: fits_in_cuda_memory(device, lambda: forward_backward(m), reserve))
+def _probe_loss(model: Classifier, task: Task, split: EvalSplit, cfg: FinetuneConfig, device: torch.device):
+    """loss(size) on real training clips, for `micro_batch: auto` (ajepa.train.engine)."""
+    def loss(size: int) -> torch.Tensor:
+        x = task.clips(np.resize(split.train, size)).to(device)
+        return model(x, key_mask_ratio=cfg.key_mask_ratio).float().logsumexp(1).mean()
+    return loss
 
 
-def train_epoch(run: FinetuneState, task: Task, split: EvalSplit, cfg: FinetuneConfig, device: torch.device,
-                autocast, bar) -> float:
-    """One epoch of steps over the training clips (order and augmentation seeded by epoch and step);
-    returns the mean training loss."""
-    run.model.train()
-    mean, std = float(task.store.stats["mean"]), float(task.store.stats["std"])
-    order = _epoch_order(task, split, cfg, run.epoch)
+def train_epoch(engine: Engine, batches: StepBatches, epoch: int, cfg: FinetuneConfig, bar) -> float:
+    """One epoch of steps (0-based `epoch`; augmentation on the model's device from the stream (seed,
+    step)); returns the mean training loss."""
+    engine.model.train()
+    stats = batches.task.store.stats
+    mean, std, device = float(stats["mean"]), float(stats["std"]), engine.dist.device
     losses = []
-    for b in range(run.steps_per_epoch):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch * run.steps_per_epoch + b)
-        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+    for step in range(epoch * batches.steps_per_epoch, (epoch + 1) * batches.steps_per_epoch):
+        batch = batches[step]
+        g = torch_generator(cfg.seed, "finetune-step", step)
         # augmented where the model runs: on a GPU, the CPU would otherwise hold back a large batch
-        x, y = augment(task.clips(idx).to(device), _one_hot(task.y[idx], len(task.classes)).to(device), cfg,
-                       mean, std, g, partners=lambda n: mixup_partners(task, split, n, g))
-        losses.append(train_step(run, x, y, cfg, g, autocast))
+        x, y = augment(batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True), cfg, mean, std,
+                       g, partners=lambda n: (batch.x2[:n], batch.y2[:n]))
+        losses.append(train_step(engine, x, y, cfg, g))
         bar.update(1)
     return float(np.mean(losses))
+
+
+def _resume(engine: Engine) -> FinetuneProgress:
+    counters = engine.resume()
+    if counters is None:
+        return FinetuneProgress()
+    with restoring(engine.checkpoint):
+        run = FinetuneProgress(**counters)
+        if run.best_state is not None:  # loaded only at the end: checked now, not after the last epoch
+            check_state({k: v.shape for k, v in engine.model.state_dict().items()}, run.best_state,
+                        f"{engine.checkpoint} [best_state]")
+    engine.saved = run.epoch or None
+    return run
 
 
 def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg: FinetuneConfig, name: str,
@@ -341,48 +341,44 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
     with the best validation score (cfg.selection "last": train on the validation clips too and keep the
     last epoch) and score the test clips with it. `open_log(first_epoch)` returns a
     log(epoch, metrics) for the per-epoch curves (epochs from 1)."""
-    from ajepa.progress import progress
-
     if cfg.selection == "last":  # AudioMAE's training clips: its 4 ESC-50 folds, all of AudioSet's training segments
         split = replace(split, train=np.concatenate([split.train, split.val]))
-    run = build(encoder, task, split, cfg, device)
-    run.resume(state_path, run_hash)
-    log = open_log(run.epoch + 1) if open_log else (lambda step, metrics: None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    configure_compute(run, task, split, cfg, device, autocast)
+    engine = build(encoder, task, split, cfg, device, state_path, run_hash, f"finetune {name}")
+    run = _resume(engine)
+    log = engine.tracker(open_log, run.epoch + 1)
+    engine.model.train()
+    engine.configure(cfg.batch_size, cfg.micro_batch, cfg.activation_checkpointing,
+                     probe_loss=_probe_loss(engine.model, task, split, cfg, device))
+    batches = StepBatches(task, split, cfg, steps_per_epoch(cfg, split))
     t0 = time.perf_counter()
-    bar = progress((cfg.epochs - run.epoch) * run.steps_per_epoch, f"finetune {name}", "step",
+    bar = progress((cfg.epochs - run.epoch) * batches.steps_per_epoch, f"finetune {name}", "step",
                    enabled=enable_progress)
-    while run.epoch < cfg.epochs:
-        try:
-            train_loss = train_epoch(run, task, split, cfg, device, autocast, bar)
-        except NonFinite as e:
-            raise AjepaError(f"finetune {name}: {e} in epoch {run.epoch + 1}: stopped; {_kept(state_path, run)}; "
-                             "lower the benchmark's finetune lr") from None
-        lr_now = run.lr.value(run.lr.current_step - 1)  # the last step's
-        val = task.selection_score(task.y[split.val], predict(run.model, task, split.val, cfg.batch_size * 2,
-                                                               device, autocast))
-        run.epoch += 1
-        run.history.append({"epoch": run.epoch, "train_loss": round(train_loss, 5), f"val_{task.metric}": round(val, 3),
+
+    def epoch(number: int) -> int:
+        train_loss = train_epoch(engine, batches, number - 1, cfg, bar)
+        lr = engine.parts["lr"]
+        lr_now = lr.value(lr.current_step - 1)  # the last step's
+        val = task.selection_score(task.y[split.val], predict(engine.model, task, split.val, cfg.batch_size * 2,
+                                                               device, engine.autocast))
+        run.epoch = number
+        run.history.append({"epoch": number, "train_loss": round(train_loss, 5), f"val_{task.metric}": round(val, 3),
                             "lr": lr_now})
         if val > run.best_score or cfg.selection == "last":  # ties keep the earlier epoch
-            run.best_score, run.best_epoch = val, run.epoch
-            run.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
-        log(run.epoch, {"train/loss": run.history[-1]["train_loss"], f"val/{task.metric}": val, "train/lr": lr_now})
+            run.best_score, run.best_epoch = val, number
+            run.best_state = {k: v.detach().cpu().clone() for k, v in engine.model.state_dict().items()}
+        log(number, {"train/loss": run.history[-1]["train_loss"], f"val/{task.metric}": val, "train/lr": lr_now})
         bar.set_postfix(val=f"{val:.1f}")
-        save_checkpoint(state_path, run.checkpoint(run_hash))
+        return number
+
+    engine.loop(((e, e) for e in range(run.epoch + 1, cfg.epochs + 1)), epoch, run.counters, cfg.epochs, 1,
+                "epoch", "lower the benchmark's finetune lr")
+    engine.finish(run.counters(), 0, "epoch", run.epoch)
     bar.close()
-    run.model.load_state_dict(run.best_state)
-    logits = predict(run.model, task, split.test, cfg.batch_size * 2, device, autocast)
+    engine.model.load_state_dict(run.best_state)
+    logits = predict(engine.model, task, split.test, cfg.batch_size * 2, device, engine.autocast)
     scores = torch.sigmoid(logits) if task.multi_label else torch.softmax(logits, dim=1)
     return RunResult(name, task.score(task.y[split.test], logits), run.best_epoch, run.best_score,
                      split.test.tolist(), scores.tolist(), time.perf_counter() - t0, run.history)
-
-
-def _kept(state_path: Path, run: FinetuneState) -> str:
-    if run.epoch and state_path.exists():
-        return f"the last good checkpoint {state_path} (after epoch {run.epoch}) is kept"
-    return "no checkpoint was written yet"
 
 
 def result_dict(r: RunResult) -> dict:

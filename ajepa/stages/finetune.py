@@ -42,35 +42,46 @@ def _run(params: Params, benchmark: str) -> str:
     task = load_task(benchmark, paths.features_dir(benchmark))
     if cfg.loss == "ce" and task.multi_label:
         raise AjepaError(f"params.yaml: finetune.{benchmark}.loss = ce: {benchmark} is multi-label; use bce")
-    grid = tuple(task.store.stats["grid"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_dir, out = paths.finetune_state_dir(benchmark), paths.finetune_results(benchmark)
     state_dir.mkdir(parents=True, exist_ok=True)
     base_hash = {"finetune": without_compute_keys(asdict(cfg)), "encoder": file_sha256(encoder_path / WEIGHTS),
                  "features": {k: task.store.stats[k] for k in ("mean", "std", "accepted", "grid")},
                  "clips": len(task.index), "device": device.type}
-
     inits = ["pretrained"] + (["random_init"] if cfg.random_init_baseline else [])
     splits = task.splits[:cfg.runs] if cfg.runs else task.splits  # the first `runs` of the protocol
-    results: dict[str, list] = {i: [] for i in inits}
-    for init in inits:
-        for split in splits:
-            name = f"{init}-{split.name}"
-            run_hash = config_hash({**base_hash, "run": name})
-            done = state_dir / f"{name}.json"
-            if done.exists() and json.loads(done.read_text()).get("run_hash") == run_hash:
-                results[init].append(json.loads(done.read_text()))
-                continue
-            encoder = build_encoder(encoder_path, grid, random_init=init == "random_init", seed=cfg.seed,
-                                    drop_path=cfg.drop_path)
-            r = finetune_run(task, split, encoder, cfg, name, device, state_dir / f"{name}.pt", run_hash,
-                             open_log=open_live(out / "live" / name))
-            record = {"run_hash": run_hash, **result_dict(r)}
-            write_json(done, record)
-            (state_dir / f"{name}.pt").unlink(missing_ok=True)  # the record is the finished run
-            results[init].append(record)
+    results = {init: [_finetune(params, benchmark, task, init, split, device, base_hash) for split in splits]
+               for init in inits}
     _drop_stale_curves(out / "live", {f"{i}-{s.name}" for i in inits for s in splits})
+    rows = _write_results(benchmark, task, results, out)
+    lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(splits)} of {len(task.splits)} run(s) per init, "
+             f"{len(task.classes)} classes"]
+    lines += summary_lines(rows, task.metric)
+    lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}, confusion.csv and per_class_ap.csv")
+    return "\n".join(lines)
 
+
+def _finetune(params: Params, benchmark: str, task, init: str, split, device: torch.device, base_hash: dict) -> dict:
+    """One run's record: the one a finished run left, or the run (resumed where it stopped)."""
+    cfg, state_dir = params.recipe(benchmark), paths.finetune_state_dir(benchmark)
+    name = f"{init}-{split.name}"
+    run_hash = config_hash({**base_hash, "run": name})
+    done = state_dir / f"{name}.json"
+    if done.exists() and json.loads(done.read_text()).get("run_hash") == run_hash:
+        return json.loads(done.read_text())
+    encoder_path = paths.pretrained_encoder(params.downstream.encoder)
+    encoder = build_encoder(encoder_path, tuple(task.store.stats["grid"]), random_init=init == "random_init",
+                            seed=cfg.seed, drop_path=cfg.drop_path)
+    r = finetune_run(task, split, encoder, cfg, name, device, state_dir / f"{name}.pt", run_hash,
+                     open_log=open_live(paths.finetune_results(benchmark) / "live" / name))
+    record = {"run_hash": run_hash, **result_dict(r)}
+    write_json(done, record)
+    (state_dir / f"{name}.pt").unlink(missing_ok=True)  # the record is the finished run
+    return record
+
+
+def _write_results(benchmark: str, task, results: dict[str, list], out) -> dict:
+    """metrics.json, predictions.csv and the plot tables; the metric rows by init."""
     m = task.metric
     rows = {}
     for init, records in results.items():
@@ -83,11 +94,7 @@ def _run(params: Params, benchmark: str) -> str:
     write_csv(out / "predictions.csv", _predictions(task, results))
     for name, table in plot_tables(task, results["pretrained"]).items():
         write_csv(out / name, table)
-    lines = [f"finetune {benchmark}: {task.protocol} protocol, {len(splits)} of {len(task.splits)} run(s) per init, "
-             f"{len(task.classes)} classes"]
-    lines += summary_lines(rows, m)
-    lines.append(f"  -> {out / 'metrics.json'}, {out / 'predictions.csv'}, confusion.csv and per_class_ap.csv")
-    return "\n".join(lines)
+    return rows
 
 
 def plot_tables(task, records: list[dict]) -> dict[str, pd.DataFrame]:

@@ -21,8 +21,8 @@ from ajepa.masks import block_masks, time_frequency_masks
 from ajepa.plots import plot_masks
 from ajepa.stages.pool import check as check_pool
 from ajepa.stages.tracking import open_live
-from ajepa.train.distributed import cleanup, init_distributed, launch, launched, local_processes
-from ajepa.train.pretrain import PretrainPaths, build_mask_generator, pretrain
+from ajepa.train.distributed import DistInfo, cleanup, init_distributed, launch, launched, local_processes
+from ajepa.train.pretrain import PretrainPaths, PretrainResult, build_mask_generator, pretrain
 
 ENCODERS = ("context", "target")
 
@@ -77,28 +77,37 @@ def train(params: Params, stop_after: int | None = None) -> str:
     cfg = params.pretrain
     store = pool(params)
     dist = init_distributed(backend=params.distributed.backend)
-    lock = contextlib.ExitStack()
+    out = output_paths()
     try:
-        if dist.is_main:  # the one process that writes the state (every rank would lock out the others)
-            lock.enter_context(state_lock(paths.pretrain_state_dir(), "ajepa pretrain"))
-        out = output_paths()
-        if dist.is_main:
-            _draw_masks(cfg, store, out)
-        evaluate = learning_curve(params, dist.device) if dist.is_main else None
-        with StopSignals(deferred=True) as stop:  # SIGINT/SIGTERM: save at the next step boundary, then stop
-            r = pretrain(cfg, store, out, dist, open_log=open_live(paths.pretrain_live_dir()), stop_after=stop_after,
-                         evaluate=evaluate, stop_requested=stop.requested)
-        if dist.is_main:
-            write_json(out.metrics, {"steps": r.steps, "final_loss": r.final_loss, "tf_fraction": r.tf_fraction,
-                                     "target_rank": round(r.target_rank, 2),
-                                     "samples_per_s": round(r.samples_per_s, 2), "seconds": round(r.seconds, 1),
-                                     "probe_seconds": round(r.probe_seconds, 1), "world_size": dist.world_size,
-                                     "device": str(dist.device)})
+        with _state_lock(dist):
+            if dist.is_main:
+                _draw_masks(cfg, store, out)
+            evaluate = learning_curve(params, dist.device) if dist.is_main else None
+            with StopSignals(deferred=True) as stop:  # SIGINT/SIGTERM: save at the next step boundary, then stop
+                r = pretrain(cfg, store, out, dist, open_log=open_live(paths.pretrain_live_dir()),
+                             stop_after=stop_after, evaluate=evaluate, stop_requested=stop.requested)
+            if dist.is_main:
+                _write_metrics(out, r, dist)
     finally:
-        lock.close()
         cleanup()
-    if not dist.is_main:
-        return ""
+    return _summary(cfg, store, out, r, dist, stop_after) if dist.is_main else ""
+
+
+def _state_lock(dist: DistInfo):
+    """The state folder's lock, held by rank 0: the one process that writes the state (every rank would
+    lock out the others)."""
+    return state_lock(paths.pretrain_state_dir(), "ajepa pretrain") if dist.is_main else contextlib.nullcontext()
+
+
+def _write_metrics(out: PretrainPaths, r: PretrainResult, dist: DistInfo) -> None:
+    write_json(out.metrics, {"steps": r.steps, "final_loss": r.final_loss, "tf_fraction": r.tf_fraction,
+                             "target_rank": round(r.target_rank, 2), "samples_per_s": round(r.samples_per_s, 2),
+                             "seconds": round(r.seconds, 1), "probe_seconds": round(r.probe_seconds, 1),
+                             "world_size": dist.world_size, "device": str(dist.device)})
+
+
+def _summary(cfg, store: StoreUnion, out: PretrainPaths, r: PretrainResult, dist: DistInfo,
+             stop_after: int | None) -> str:
     done = all(p.exists() for p in out.encoders.values()) and stop_after is None
     where = f"encoders {', '.join(map(str, out.encoders.values()))}" if done else f"checkpoint {out.state}"
     return (f"pretrain: {r.steps - r.start_step} steps (from step {r.start_step}, {r.steps} done) on {len(store)} "

@@ -113,7 +113,8 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     """
     from ajepa.tools import flops
     from ajepa.models import set_activation_checkpointing
-    from ajepa.train.pretrain import autocast_for, build_model, train_step
+    from ajepa.train.engine import autocast_for
+    from ajepa.train.pretrain import build_model, train_step
     from ajepa.train.schedules import param_groups
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -121,7 +122,6 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     cuda = dev.type == "cuda"
     n_threads = flops.configure_cpu_threads(threads) if not cuda else torch.get_num_threads()
     busy = None if cuda else flops.cpu_busy_fraction(0.5)
-
     cfg, length, grid, patch = _bench_config(params, encoder, target_length, predictor_dim, predictor_depth)
     batch = batch or cfg.optim.batch_size
 

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ajepa.errors import AjepaError
+from ajepa.errors import AjepaError, Interrupted
+from ajepa.interrupt import signal_name
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_mean", "max_over_ranks", "launched", "local_processes",
            "launch"]
@@ -145,6 +146,9 @@ def _worker(fn: Callable, args: tuple, threads: int, errors: str) -> Any:
         torch.set_num_threads(threads)
     try:
         return fn(*args)
+    except Interrupted as e:  # saved and stopped by a signal: one line, and the shell's exit status for it
+        print(f"rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+        os._exit(128 + e.signum)
     except AjepaError as e:
         # bad input, not a bug: one line for the parent to raise; exiting non-zero (rather than
         # returning) makes the launcher stop the other processes, which may wait in a collective
@@ -162,6 +166,7 @@ def launch(fn: Callable, args: tuple, processes: int) -> Any:
     `fn` and `args` must be picklable (the processes are spawned). When any process fails, the launcher
     stops the others, and an AjepaError raised by `fn` is raised here as one line (a crash as a pointer to
     its traceback above)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -172,6 +177,9 @@ def launch(fn: Callable, args: tuple, processes: int) -> Any:
     with tempfile.TemporaryDirectory(prefix="ajepa-launch-") as errors:
         try:
             return elastic_launch(config, _worker)(fn, args, threads, errors)[0]
+        except SignalException as e:  # the launcher passed the signal on and waited for the processes to save
+            raise Interrupted(int(e.sigval), f"stopped by {signal_name(int(e.sigval))}: the {processes} processes "
+                                             f"saved their state at the end of their step; rerun to resume") from None
         except ChildFailedError as e:
             reported = sorted(Path(errors).iterdir(), key=lambda f: int(f.name))
             if reported:

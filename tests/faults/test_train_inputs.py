@@ -93,8 +93,9 @@ def test_finetune_stops_on_nan_weights(template, tmp_path, capsys):
     p["finetune"]["synth"]["lr"] = 1e12
     write_params(root, p)
     code, line = _run(root, capsys, "finetune", "synth")
-    assert code == 2 and line.startswith("ajepa finetune: error: finetune pretrained-fold1: non-finite ")
-    assert "in epoch 1: stopped; no checkpoint was written yet; lower the benchmark's finetune lr" in line
+    assert code == 2 and line.startswith("ajepa finetune: error: non-finite ")
+    assert ("at epoch 1 of finetune pretrained-fold1: stopped; no checkpoint was written yet; lower the benchmark's "
+            "finetune lr") in line
     assert not (root / "results/finetune/synth/metrics.json").exists()
 
 
