@@ -9,11 +9,11 @@ from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ajepa import paths
 from ajepa.atomic import write_csv, write_json
 from ajepa.config import Params
+from ajepa.device import pick_device
 from ajepa.downstream.common import build_encoder, file_sha256, summarize, summary_lines
 from ajepa.downstream.metrics import secondary
 from ajepa.downstream.finetune import finetune_run, result_dict
@@ -43,7 +43,7 @@ def _run(params: Params, benchmark: str) -> str:
     if cfg.loss == "ce" and task.multi_label:
         raise AjepaError(f"params.yaml: finetune.{benchmark}.loss = ce: {benchmark} is multi-label; use bce")
     grid = tuple(task.store.stats["grid"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(params.distributed.device)
     state_dir, out = paths.finetune_state_dir(benchmark), paths.finetune_results(benchmark)
     state_dir.mkdir(parents=True, exist_ok=True)
     base_hash = {"finetune": without_compute_keys(asdict(cfg)), "encoder": file_sha256(encoder_path / WEIGHTS),

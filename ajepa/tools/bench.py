@@ -20,6 +20,7 @@ from ajepa.cpus import available_cpus
 from ajepa.datasets import synth
 from ajepa.data.frontend import FrontEnd
 from ajepa.data.store import extract_features
+from ajepa.device import pick_device
 from ajepa.errors import AjepaError
 from ajepa.models.vit import SIZES
 
@@ -116,8 +117,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     from ajepa.train.pretrain import autocast_for, build_model, train_step
     from ajepa.train.schedules import param_groups
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device, key="--device")
     cuda = dev.type == "cuda"
     n_threads = flops.configure_cpu_threads(threads) if not cuda else torch.get_num_threads()
     busy = None if cuda else flops.cpu_busy_fraction(0.5)
