@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ajepa import paths
 from ajepa.atomic import write_csv, write_json
@@ -30,11 +31,12 @@ INITS = {"pretrained": "finetune", "random_init": "finetune_random_init"}
 
 def run(params: Params, benchmark: str) -> str:
     params.recipe(benchmark)  # an unknown benchmark fails here, before a state folder is made for it
+    device = pick_device(params.distributed.device)  # no usable GPU for `cuda`: one line, before any work
     with state_lock(paths.finetune_state_dir(benchmark), f"ajepa finetune {benchmark}"):
-        return _run(params, benchmark)
+        return _run(params, benchmark, device)
 
 
-def _run(params: Params, benchmark: str) -> str:
+def _run(params: Params, benchmark: str, device: torch.device) -> str:
     cfg = params.recipe(benchmark)
     encoder_path = paths.pretrained_encoder(params.downstream.encoder)
     if not encoder_path.exists():
@@ -43,7 +45,6 @@ def _run(params: Params, benchmark: str) -> str:
     if cfg.loss == "ce" and task.multi_label:
         raise AjepaError(f"params.yaml: finetune.{benchmark}.loss = ce: {benchmark} is multi-label; use bce")
     grid = tuple(task.store.stats["grid"])
-    device = pick_device(params.distributed.device)
     state_dir, out = paths.finetune_state_dir(benchmark), paths.finetune_results(benchmark)
     state_dir.mkdir(parents=True, exist_ok=True)
     base_hash = {"finetune": without_compute_keys(asdict(cfg)), "encoder": file_sha256(encoder_path / WEIGHTS),

@@ -104,13 +104,13 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
 
 def run(params: Params, benchmark: str) -> str:
     params.recipe(benchmark)  # an unknown benchmark fails here, with the known ones listed
+    device = pick_device(params.distributed.device)  # no usable GPU for `cuda`: one line, before any work
     with state_lock(paths.embeddings_dir(benchmark), f"ajepa linear {benchmark}"):
-        return _run(params, benchmark)
+        return _run(params, benchmark, device)
 
 
-def _run(params: Params, benchmark: str) -> str:
+def _run(params: Params, benchmark: str, device: torch.device) -> str:
     cfg, chosen = params.linear, params.downstream.encoder
-    device = pick_device(params.distributed.device)
     encoder_paths = {which: paths.pretrained_encoder(which) for which in ENCODERS}
     for path in encoder_paths.values():
         if not path.exists():

@@ -154,7 +154,7 @@ def check_paper_step(params_file: str, miniature: bool) -> dict:
 
     size = dict(batch=4, steps=1) if miniature else dict(encoder="base", target_length=1024, batch=64,
                                                           predictor_dim=512, predictor_depth=16, steps=6)
-    device = torch.device("cpu" if miniature else "cuda", 0)
+    device = torch.device("cpu") if miniature else torch.device("cuda", 0)
     r = bench_pretrain(paper_params(params_file, miniature), device=str(device), **size)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the runs that follow are other processes on the same GPU
@@ -176,7 +176,7 @@ def check_micro_batch(params_file: str, miniature: bool, processes: int) -> dict
 
     params = paper_params(params_file, miniature)
     cfg = params.pretrain
-    device = torch.device("cpu" if miniature else "cuda", 0)
+    device = torch.device("cpu") if miniature else torch.device("cuda", 0)
     patch, length = params.features.patch_size, params.dataset(cfg.datasets[0]).target_length
     grid = (length // patch, params.features.num_mel_bins // patch)
     model = build_model(cfg, grid, patch).to(device)
@@ -232,12 +232,12 @@ def descriptors_per_shard(store_dir: Path) -> float:
     return gained / max(len(firsts), 1)
 
 
-def check_open_files(params_file: str, miniature: bool, store_dir: Path) -> dict:
+def check_open_files(params_file: str, store_dir: Path) -> dict:
     """RLIMIT_NOFILE (soft and hard) against the descriptors the paper's pretraining store takes in each
     loader worker: one per memory-mapped shard (measured on the store the check wrote) of about 2.0 M
     clips in shards of features.shard_clips, plus FD_MARGIN. The soft limit is what a process gets; a
     process, or `ulimit -n` in the job script, may raise it up to the hard limit."""
-    params = paper_params(params_file, miniature)
+    params = paper_params(params_file, False)  # the paper's shards, whatever the store of the check
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     per_shard = descriptors_per_shard(store_dir)
     shards = math.ceil(PAPER_POOL_CLIPS / params.features.shard_clips)
@@ -357,7 +357,7 @@ def _checks_on_a_project(r: dict, tmp: Path, params_file: str, miniature: bool) 
     base = project(tmp / "data-prep", params)
     for command in ("prepare", "features", "pool"):
         ajepa(base, command, "synth")
-    guarded(r, "open_files", lambda: check_open_files(params_file, miniature, base / "data/features/synth"))
+    guarded(r, "open_files", lambda: check_open_files(params_file, base / "data/features/synth"))
     a = project(tmp / "a", params, base / "data")
     runs = {}
     guarded(r, "pretrain", lambda: check_pretrain(runs.setdefault("a", run_pretrain(a)), steps))
