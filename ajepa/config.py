@@ -407,9 +407,7 @@ class DistributedConfig:
     not what it computes: no stage depends on these keys, and the global batch is split over the processes
     (docs/cluster.md)."""
 
-    # pretrain, linear and finetune (ajepa.device.pick_device): cuda stops with one line when CUDA cannot
-    # be used; auto takes the GPU when CUDA works, else the CPU; cpu never uses a GPU
-    device: Literal["auto", "cuda", "cpu"]
+    device: Literal["auto", "cuda", "cpu"]  # cuda: stop in one line without a usable GPU; auto: the GPU when CUDA works, else the CPU
     processes: Union[Literal["auto"], int]  # auto: one per visible CUDA device (1 without CUDA); N: N processes
     backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on CUDA devices, gloo on the CPU
 
