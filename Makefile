@@ -30,8 +30,10 @@ check: install
 	snakemake --lint
 	ajepa params-doc | diff -u docs/parameters.md -
 
-# on a GPU machine, in minutes: paper-size bf16 steps (MFU, memory), 300 steps, kill and resume, probes,
-# fine-tuning, DDP on every GPU; one JSON object (docs/cluster.md). Without CUDA it says so and passes.
+# on a GPU machine, in minutes: paper-size bf16 steps (MFU, memory against the GPU's), micro_batch auto, loader
+# clips/s, open-file limit, 300 steps, kill and resume, probes, fine-tuning, DDP and torchrun on every GPU; one
+# JSON object (docs/cluster.md). Without a usable GPU it fails in one line saying why; `make test` runs the CPU
+# miniature (ajepa gpu-check --cpu).
 gpu-check: install
 	ajepa gpu-check
 

@@ -39,7 +39,9 @@ def _add_embed(sub) -> None:
     s.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default 16)")
     s.add_argument("--save-every", type=int, default=256, metavar="CLIPS",
                    help="keep finished embeddings for a resume every this many clips (default 256)")
-    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    s.add_argument("--device", default="auto",
+                   help="auto (the GPU when CUDA works, else the CPU), cuda[:N] (stops in one line without a usable "
+                        "GPU) or cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +109,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--predictor-depth", type=int, default=None, help="predictor depth (default: params)")
     b.add_argument("--steps", type=int, default=8, help="timed steps per masking mode (default 8)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
-    b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    b.add_argument("--device", default="auto",
+                   help="auto (the GPU when CUDA works, else the CPU), cuda[:N] (stops in one line without a usable "
+                        "GPU) or cpu")
     b.add_argument("--compile", action="store_true", help="torch.compile the blocks (compile time reported apart)")
     b.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -115,10 +119,12 @@ def _add_bench(sub) -> None:
 
 def _machine_parsers(sub, bench) -> None:
     """`gpu-check` and `bench loader`: what a machine can do for the paper's setup."""
-    s = sub.add_parser("gpu-check", help="one JSON object: paper-size bf16 steps (MFU, memory), 300 steps, kill and "
-                                         "resume, probes, fine-tuning, DDP on every GPU (`make gpu-check`)")
+    s = sub.add_parser("gpu-check", help="one JSON object: paper-size bf16 steps (MFU, memory against the GPU's), "
+                                         "micro_batch auto, loader clips/s, open-file limit, 300 steps, kill and "
+                                         "resume, probes, fine-tuning, DDP and torchrun on every GPU (`make gpu-check`)")
     s.add_argument("--cpu", action="store_true",
-                   help="without CUDA, run a miniature of the checks on the CPU (as AJEPA_GPU_CHECK_CPU=1)")
+                   help="run a miniature of the checks on the CPU (as AJEPA_GPU_CHECK_CPU=1); without it, no usable "
+                        "GPU stops the check in one line")
     b = bench.add_parser("loader", help="pretraining data loader: clips/s per worker, workers to feed 8 H100s")
     b.add_argument("--store", default=None, metavar="DIR",
                    help="a feature store to read (default: a temporary one of --clips generated clips)")
@@ -181,7 +187,8 @@ def _run_tool(args) -> int:
         from ajepa.tools import gpucheck
         r = gpucheck.gpu_check(args.params, cpu=args.cpu)
         print(json.dumps(r))
-        return 1 if r.get("ok") is False else 0
+        print(gpucheck.summary_line(r), file=sys.stderr)
+        return 0 if r["ok"] else 1
     else:
         from ajepa.tools import paramdoc
         print(paramdoc.render(args.params), end="")

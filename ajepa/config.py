@@ -442,10 +442,12 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """How many processes `ajepa pretrain` starts on its node by itself (not under torchrun or srun, which
-    set WORLD_SIZE and start the processes themselves). How the run is spread, not what it computes: no
-    stage depends on these keys, and the global batch is split over the processes (docs/cluster.md)."""
+    """Where the stages compute, and how many processes `ajepa pretrain` starts on its node by itself (not
+    under torchrun or srun, which set WORLD_SIZE and start the processes themselves). How the run is spread,
+    not what it computes: no stage depends on these keys, and the global batch is split over the processes
+    (docs/cluster.md)."""
 
+    device: Literal["auto", "cuda", "cpu"]  # cuda: stop in one line without a usable GPU; auto: the GPU when CUDA works, else the CPU
     processes: Union[Literal["auto"], int]  # auto: one per visible CUDA device (1 without CUDA); N: N processes
     backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on CUDA devices, gloo on the CPU
 

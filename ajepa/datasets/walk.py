@@ -9,7 +9,6 @@ so a link to a folder listed elsewhere adds nothing either.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 __all__ = ["walk_files"]

@@ -14,6 +14,7 @@ import torch
 from ajepa import paths
 from ajepa.atomic import write_csv, write_json
 from ajepa.config import Params
+from ajepa.device import pick_device
 from ajepa.downstream.common import build_encoder, file_sha256, summarize, summary_lines
 from ajepa.downstream.metrics import secondary
 from ajepa.downstream.finetune import finetune_run, result_dict
@@ -30,11 +31,12 @@ INITS = {"pretrained": "finetune", "random_init": "finetune_random_init"}
 
 def run(params: Params, benchmark: str) -> str:
     params.recipe(benchmark)  # an unknown benchmark fails here, before a state folder is made for it
+    device = pick_device(params.distributed.device)  # no usable GPU for `cuda`: one line, before any work
     with state_lock(paths.finetune_state_dir(benchmark), f"ajepa finetune {benchmark}"):
-        return _run(params, benchmark)
+        return _run(params, benchmark, device)
 
 
-def _run(params: Params, benchmark: str) -> str:
+def _run(params: Params, benchmark: str, device: torch.device) -> str:
     cfg = params.recipe(benchmark)
     encoder_path = paths.pretrained_encoder(params.downstream.encoder)
     if not encoder_path.exists():
@@ -42,7 +44,6 @@ def _run(params: Params, benchmark: str) -> str:
     task = load_task(benchmark, paths.features_dir(benchmark))
     if cfg.loss == "ce" and task.multi_label:
         raise AjepaError(f"params.yaml: finetune.{benchmark}.loss = ce: {benchmark} is multi-label; use bce")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_dir, out = paths.finetune_state_dir(benchmark), paths.finetune_results(benchmark)
     state_dir.mkdir(parents=True, exist_ok=True)
     base_hash = {"finetune": without_compute_keys(asdict(cfg)), "encoder": file_sha256(encoder_path / WEIGHTS),

@@ -20,6 +20,7 @@ import torch
 from ajepa import paths
 from ajepa.atomic import write_json
 from ajepa.config import Params
+from ajepa.device import pick_device
 from ajepa.downstream.common import build_encoder, file_sha256, summary_lines
 from ajepa.downstream.linear import (cached_embeddings, embed, embed_tokens, evaluate_embeddings, evaluate_tokens,
                                      fbank_embeddings)
@@ -60,10 +61,9 @@ def _timed(fn) -> dict:
     return row | {"seconds": round(time.perf_counter() - start, 1)}
 
 
-def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_tokens: bool) -> dict:
+def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_tokens: bool,
+           device: torch.device) -> dict:
     """{"linear": ..., "attentive": ...} of one encoder (`label` names its weights for the cache)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
     name = f"{task.name} {label.rsplit('-', 1)[0]}"  # the benchmark and the encoder, without its hash
 
     def pooled():
@@ -80,19 +80,19 @@ def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_toke
     return out
 
 
-def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCache) -> dict:
-    """Every row of the stage (see the module docstring), in report order."""
+def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCache, device: torch.device) -> dict:
+    """Every row of the stage (see the module docstring), in report order, embedding on `device`."""
     grid, attentive, rows = tuple(task.store.stats["grid"]), cfg.attentive.epochs > 0, {}
     for which in (chosen, *(e for e in ENCODERS if e != chosen)):
         path = encoder_paths[which]
         r = _probe(task, cache, cfg, f"{which}-{file_sha256(path / WEIGHTS)[:12]}", lambda: build_encoder(path, grid),
-                   attentive and which == chosen)
+                   attentive and which == chosen, device)
         rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
         if "attentive" in r:
             rows["attentive"] = r["attentive"]
     arch = {k: v for k, v in read_export(encoder_paths[chosen])[2]["architecture"].items() if k != "grid"}
     r = _probe(task, cache, cfg, f"random_init-{config_hash({'arch': arch, 'seed': cfg.seed})[:12]}",
-               lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive)
+               lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive, device)
     rows["linear_random_init"] = r["linear"]
     if "attentive" in r:
         rows["attentive_random_init"] = r["attentive"]
@@ -104,11 +104,12 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
 
 def run(params: Params, benchmark: str) -> str:
     params.recipe(benchmark)  # an unknown benchmark fails here, with the known ones listed
+    device = pick_device(params.distributed.device)  # no usable GPU for `cuda`: one line, before any work
     with state_lock(paths.embeddings_dir(benchmark), f"ajepa linear {benchmark}"):
-        return _run(params, benchmark)
+        return _run(params, benchmark, device)
 
 
-def _run(params: Params, benchmark: str) -> str:
+def _run(params: Params, benchmark: str, device: torch.device) -> str:
     cfg, chosen = params.linear, params.downstream.encoder
     encoder_paths = {which: paths.pretrained_encoder(which) for which in ENCODERS}
     for path in encoder_paths.values():
@@ -116,7 +117,7 @@ def _run(params: Params, benchmark: str) -> str:
             raise AjepaError(f"{path}: no pretrained encoder (run `ajepa pretrain` first)")
     task = load_task(benchmark, paths.features_dir(benchmark))
     cache = EmbeddingCache(task, benchmark)
-    rows = probe_rows(task, cfg, chosen, encoder_paths, cache)
+    rows = probe_rows(task, cfg, chosen, encoder_paths, cache, device)
     cache.prune()
     out = paths.linear_results(benchmark)
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": task.metric,

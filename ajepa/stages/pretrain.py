@@ -14,6 +14,7 @@ from ajepa import paths
 from ajepa.atomic import write_json
 from ajepa.config import Params
 from ajepa.data.store import FeatureStore, StoreUnion
+from ajepa.device import pick_device
 from ajepa.errors import AjepaError
 from ajepa.interrupt import StopSignals
 from ajepa.lock import state_lock
@@ -65,6 +66,7 @@ def learning_curve(params: Params, device: torch.device):
 
 def run(params: Params, stop_after: int | None = None) -> str:
     """Pretrain in this process, or in one new process per device when nothing launched this one."""
+    pick_device(params.distributed.device)  # no usable GPU for `cuda`: one line here, before any process starts
     processes = local_processes(params.distributed.processes, params.pretrain.optim.batch_size)
     if processes > 1 and not launched():
         pool(params)  # bad input fails here, once, before any process starts
@@ -76,7 +78,7 @@ def train(params: Params, stop_after: int | None = None) -> str:
     """This process's part of the run (all of it when single-process); the summary line on rank 0."""
     cfg = params.pretrain
     store = pool(params)
-    dist = init_distributed(backend=params.distributed.backend)
+    dist = init_distributed(device=params.distributed.device, backend=params.distributed.backend)
     out = output_paths()
     try:
         with _state_lock(dist):

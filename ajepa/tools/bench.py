@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from ajepa.cpus import available_cpus
 from ajepa.datasets import synth
 from ajepa.data.frontend import FrontEnd
 from ajepa.data.store import extract_features
+from ajepa.device import pick_device
 from ajepa.errors import AjepaError
 from ajepa.models.vit import SIZES
 
@@ -117,8 +117,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     from ajepa.train.pretrain import build_model, train_step
     from ajepa.train.schedules import param_groups
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device, key="--device")
     cuda = dev.type == "cuda"
     n_threads = flops.configure_cpu_threads(threads) if not cuda else torch.get_num_threads()
     busy = None if cuda else flops.cpu_busy_fraction(0.5)

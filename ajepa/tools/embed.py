@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ajepa.atomic import atomic_path, check_replaceable, make_parent, write_csv
 from ajepa.data.frontend import UnreadableAudio
 from ajepa.datasets.walk import walk_files
+from ajepa.device import pick_device
 from ajepa.encoder import AudioEncoder, load_encoder
 from ajepa.errors import AjepaError
 from ajepa.export import CONFIG, weights_file
@@ -204,8 +204,7 @@ def run(args) -> str:
     files = audio_files(args.inputs)
     if not files:
         raise AjepaError(f"no audio files ({' '.join(AUDIO_SUFFIXES)}) in {', '.join(args.inputs)}")
-    auto = args.device == "auto"
-    device = torch.device("cuda" if auto and torch.cuda.is_available() else "cpu" if auto else args.device)
+    device = pick_device(args.device, key="--device")
     which = _which(args)
     model = load_encoder(args.encoder, which, device=device)
     r = embed_files(model, files, out, args.batch_size, args.save_every)

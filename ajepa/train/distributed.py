@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ajepa.device import pick_device
 from ajepa.errors import AjepaError, Interrupted
 from ajepa.interrupt import signal_name
 
@@ -47,18 +48,6 @@ def _env_int(name: str, default: int) -> int:
         raise AjepaError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _pick_device(local_rank: int, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise AjepaError(f"LOCAL_RANK {local_rank} but only {count} CUDA device(s) on this node: "
-                         f"start at most {count} processes per node (torchrun --nproc_per_node)")
-    return torch.device("cuda", local_rank)
-
-
 def _backend(setting: str, dev: torch.device) -> str:
     if setting == "auto":
         return "nccl" if dev.type == "cuda" else "gloo"
@@ -71,15 +60,16 @@ def _backend(setting: str, dev: torch.device) -> str:
 def init_distributed(device: str | torch.device | None = None, backend: str = "auto") -> DistInfo:
     """Join the process group torchrun describes, or run single-process when WORLD_SIZE is unset or 1.
 
-    `device` overrides the choice (e.g. "cpu" to debug on a GPU node); by default cuda:LOCAL_RANK when
-    CUDA is available, else CPU. `backend` "auto": nccl for CUDA devices, gloo for CPU. Calling it again in an
-    initialised process returns the same description without re-initialising."""
+    `device` is distributed.device (ajepa.device.pick_device): auto (None) takes cuda:LOCAL_RANK when CUDA
+    works, else the CPU; cuda insists on the GPU; cpu, or cuda:N, as named. `backend` "auto": nccl for CUDA
+    devices, gloo for CPU. Calling it again in an initialised process returns the same description without
+    re-initialising."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
         raise AjepaError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
-    dev = _pick_device(local_rank, device)
+    dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         # Before any CUDA work, so that every later allocation and the NCCL communicator land on
         # this process's GPU rather than all on cuda:0.
