@@ -43,7 +43,7 @@ from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder, pool_tokens
 from ajepa.progress import progress
 
-__all__ = ["pooled_batches", "embed", "token_batches", "embed_tokens", "fbank_batches", "fbank_embeddings",
+__all__ = ["pooled_batches", "embed", "token_batches", "fbank_batches", "fbank_embeddings",
            "cached_embeddings", "block_rows", "standardisation", "Blocks", "fit_blocks", "fit_logistic", "fit_probe",
            "fit_attentive", "AttentiveProbe", "evaluate_embeddings", "evaluate_tokens", "validation_probe"]
 
@@ -98,12 +98,6 @@ def token_batches(encoder: SpectrogramEncoder, task: Task, batch_size: int, devi
             batch = encoder(task.clips(range(s, min(s + batch_size, len(task.y)))).to(device)).half().cpu().numpy()
             yield batch
             bar.update(len(batch))
-
-
-def embed_tokens(encoder: SpectrogramEncoder, task: Task, batch_size: int, device: torch.device,
-                 desc: str | None = None) -> np.ndarray:
-    """token_batches in one array [N, patches, D] (float16)."""
-    return np.concatenate(list(token_batches(encoder, task, batch_size, device, desc)))
 
 
 def cached_embeddings(path: Path, n: int, batches: Callable[[], Iterable[np.ndarray]], what: str) -> RowFile:
