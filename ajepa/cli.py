@@ -99,6 +99,13 @@ def _add_bench(sub) -> None:
     b.add_argument("--clips", type=int, default=200, help="clips per measurement (default 200)")
     b.add_argument("--workers", type=int, default=0, help="processes for the parallel run (0 = one per core)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    b = bench.add_parser("probe", help="linear probe on synthetic embeddings on disk: peak RSS and seconds per size")
+    b.add_argument("--clips", type=int, nargs="+", default=[2000, 20000], help="clip counts (default 2000 20000)")
+    b.add_argument("--width", type=int, default=1024, help="embedding width (default 1024)")
+    b.add_argument("--block-mb", type=float, default=16, help="linear.block_mb for the run (default 16)")
+    b.add_argument("--max-iter", type=int, default=20, help="L-BFGS iterations (default 20)")
+    b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     b = bench.add_parser("pretrain", help="A-JEPA training steps: samples/s, model FLOP/s, matmul peak, MFU")
     b.add_argument("--encoder", default="config", choices=["config", "tiny", "small", "base", "large"],
                    help="encoder size (default: pretrain.encoder in params)")

@@ -416,11 +416,12 @@ class LinearConfig:
     pooling: Literal["time", "all"]  # time: mean over time, frequency kept (MSM-MAE, EVAR); all: mean of every patch
     l2: list[float]  # L2 strengths tried; the best on the validation clips is kept
     max_iter: int  # L-BFGS iterations per strength
+    block_mb: float  # MiB of embeddings read and fitted at a time; a set that fits in one block is held in memory
     seed: int  # of the random-init baseline encoder and the attentive probe
     attentive: AttentiveConfig
 
     def check(self, key: str) -> None:
-        _positive(self, key, "embed_batch_size", "max_iter")
+        _positive(self, key, "embed_batch_size", "max_iter", "block_mb")
         if not self.l2 or min(self.l2) <= 0:
             _bad(key + ".l2", self.l2, "must be a non-empty list of positive strengths")
 

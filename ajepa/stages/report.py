@@ -5,6 +5,7 @@ curve, and plots."""
 from __future__ import annotations
 
 import json
+import math
 
 from ajepa import paths
 from ajepa.atomic import write_json, write_text
@@ -12,6 +13,7 @@ from ajepa.config import Params
 from ajepa.datasets.registry import PAPER_RESULTS
 from ajepa.downstream.metrics import SECONDARY
 from ajepa.errors import AjepaError
+from ajepa.stages.outcome import FAILED
 from ajepa.train.schedules import peak_lr
 
 METHODS = {  # summary.json key -> how the report names the row
@@ -42,36 +44,85 @@ SELECTION_NOTE = ("Model selection differs: AudioMAE's fine-tuning scripts score
                   "0.1-0.5 points below the paper rows for that alone.")
 
 
-def _read(path) -> dict:
+def _read(path, keys: tuple[str, ...] = ()) -> dict:
+    """The JSON object at `path`, with `keys` present; a missing, cut or key-less file is one line."""
     if not path.exists():
         raise AjepaError(f"{path}: not found (run the stage that writes it first)")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AjepaError(f"{path}: unreadable ({' '.join(str(e).split())}): rerun the stage that writes it") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise AjepaError(f"{path}: no {', '.join(map(repr, missing))} (cut or not this stage's file): rerun the "
+                         "stage that writes it")
+    return data
+
+
+def _number(value):
+    """A score as JSON can hold it: NaN and infinities (which strict JSON readers refuse) become None."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _stage_rows(path, stage: str) -> tuple[dict, dict, list[str]]:
+    """(the file's header {metric, protocol, classes}, {METHOD: its summary row and runs}, problems) of one
+    benchmark stage's metrics.json. A missing, cut, key-less or failed file gives no rows and one problem
+    naming it; a score that is not a number gives a None (null) and one problem: the report still gets written."""
+    try:
+        m = _read(path, ("metric", "protocol", "classes"))
+    except AjepaError as e:
+        failed = _failure(path)
+        return {}, {}, [f"{path}: {stage} failed: {failed}" if failed else
+                        f"{e} (the {stage} stage failed or has not run: see its log)"]
+    head, rows, problems = {k: m[k] for k in ("metric", "protocol", "classes")}, {}, []
+    for method in (k for k in METHODS if k in m):
+        r = m[method]
+        if not isinstance(r, dict) or head["metric"] not in r or not isinstance(r.get("runs"), list):
+            problems.append(f"{path}: {method} has no {head['metric']!r} or runs: rerun the {stage} stage")
+            continue
+        row = {head["metric"]: _number(r[head["metric"]]),
+               **{k: _number(r[k]) for k in ("std", *SECONDARY) if k in r}}
+        problems += [f"{path}: {method}.{k} is {r[k]} (not a number): written as null" for k in row if row[k] is None]
+        runs = {x.get("split"): _number(x.get(head["metric"])) for x in r["runs"] if isinstance(x, dict)}
+        rows[method] = {"row": row, "runs": {k: v for k, v in runs.items() if v is not None}}
+    return head, rows, problems
+
+
+def _failure(path) -> str | None:
+    """The reason a failure record (ajepa.stages.outcome) at `path` gives, or None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return str(data[FAILED]) if isinstance(data, dict) and FAILED in data else None
 
 
 def collect(params: Params) -> tuple[dict, dict]:
-    """(summary {BENCH: {METHOD: {METRIC: value, std}}}, per-benchmark info {metric, protocol, classes, runs}),
-    runs being {METHOD: {split: value}}, each protocol run's score."""
+    """(summary {BENCH: {METHOD: {METRIC: value, std}}}, per-benchmark info {metric, protocol, classes, runs,
+    problems}), runs being {METHOD: {split: value}}, each protocol run's score, and problems the lines saying
+    which results are missing, failed or not numbers (value None)."""
     summary, info = {}, {}
     for bench in params.pipeline.benchmarks:
-        stage_metrics = [_read(paths.linear_results(bench) / "metrics.json"),
-                         _read(paths.finetune_results(bench) / "metrics.json")]
-        metric = stage_metrics[0]["metric"]
-        info[bench] = {k: stage_metrics[0][k] for k in ("metric", "protocol", "classes")}
-        summary[bench], info[bench]["runs"] = {}, {}
-        for m in stage_metrics:
-            for method in METHODS:
-                if method in m:
-                    summary[bench][method] = {metric: m[method][metric],
-                                              **{k: m[method][k] for k in ("std", *SECONDARY) if k in m[method]}}
-                    info[bench]["runs"][method] = {r["split"]: r[metric] for r in m[method]["runs"]}
+        summary[bench] = {}
+        info[bench] = {"metric": None, "protocol": None, "classes": None, "runs": {}, "problems": []}
+        for stage, path in (("linear", paths.linear_results(bench)), ("finetune", paths.finetune_results(bench))):
+            head, rows, problems = _stage_rows(path / "metrics.json", stage)
+            info[bench]["problems"] += problems
+            if head and info[bench]["metric"] is None:
+                info[bench].update(head)
+            for method, r in rows.items():
+                summary[bench][method], info[bench]["runs"][method] = r["row"], r["runs"]
     return summary, info
 
 
 def run(params: Params) -> str:
     summary, info = collect(params)
     out = paths.report_dir()
-    pretrain = _read(paths.pretrain_results() / "metrics.json")
-    write_json(out / "summary.json", summary)
+    pretrain = _read(paths.pretrain_results() / "metrics.json",
+                     ("steps", "seconds", "final_loss", "samples_per_s", "device", "world_size"))
+    problems = {b: info[b]["problems"] for b in summary if info[b]["problems"]}
+    write_json(out / "summary.json", {b: {**rows, **({"problems": problems[b]} if b in problems else {})}
+                                      for b, rows in summary.items()})
 
     from ajepa.plots import learning_curves, plot_benchmark_bars, plot_learning_curve, plot_pretrain_curves
     metrics_dir = paths.pretrain_live_dir() / "plots" / "metrics"
@@ -79,11 +130,13 @@ def run(params: Params) -> str:
     curves = learning_curves(metrics_dir)
     if curves:
         plot_learning_curve(curves, out / "plots" / "learning_curve.png")
-    for bench in summary:
-        plot_benchmark_bars(bench, summary[bench], info[bench]["metric"], PAPER_RESULTS.get(bench, {}),
-                            out / "plots" / f"{bench}.png")
+    for bench, rows in summary.items():
+        metric = info[bench]["metric"]
+        plot_benchmark_bars(bench, {m: r for m, r in rows.items() if r[metric] is not None}, metric,
+                            PAPER_RESULTS.get(bench, {}), out / "plots" / f"{bench}.png")
     write_text(out / "report.md", render(summary, info, pretrain, curves, params))
-    return f"report: {out / 'report.md'}, {out / 'summary.json'}, plots in {out / 'plots'}/"
+    return "\n".join([f"report: {out / 'report.md'}, {out / 'summary.json'}, plots in {out / 'plots'}/",
+                      *(f"  {b}: {p}" for b, lines in problems.items() for p in lines)])
 
 
 def checks(bench: str, rows: dict, info: dict) -> list[str]:
@@ -91,7 +144,7 @@ def checks(bench: str, rows: dict, info: dict) -> list[str]:
     fewer protocol runs than the other (fine-tuning a subset of the folds), both are compared on those."""
     out, metric, runs = [], info["metric"], info["runs"]
     for (a, b), bar in BARS.get(bench, DEFAULT_BARS).items():
-        if a not in rows or b not in rows:
+        if a not in rows or b not in rows or rows[a][metric] is None or rows[b][metric] is None:
             continue
         va, vb, note = rows[a][metric], rows[b][metric], ""
         shared = sorted(set(runs[a]) & set(runs[b]))
@@ -132,8 +185,10 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
             if method not in rows:
                 continue
             r = rows[method]
-            std = f" ± {r['std']:.2f}" if "std" in r else ""
-            lines.append(f"| {bench} | {metric} | {label} | {r[metric]:.2f}{std} | |")
+            std = f" ± {r['std']:.2f}" if r.get("std") is not None else ""
+            value = "not a number (null in summary.json)" if r[metric] is None else f"{r[metric]:.2f}{std}"
+            lines.append(f"| {bench} | {metric} | {label} | {value} | |")
+        lines += [f"| {bench} | {metric or ''} | PROBLEM | {p} | |" for p in info[bench]["problems"]]
         for model, value in PAPER_RESULTS.get(bench, {}).items():
             lines.append(f"| {bench} | {metric} | {model}, fine-tuned | | {value:.1f} |")
     lines += ["", "## Does self-supervision help?", ""]

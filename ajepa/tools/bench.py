@@ -377,6 +377,10 @@ def run(args) -> str:
         r = bench_loader(load_params(args.params), store=args.store, clips=args.clips, frames=args.frames,
                          batch=args.batch, steps=args.steps, workers=tuple(args.workers))
         return json.dumps(r) if args.json else _format_loader(r)
+    if args.bench == "probe":
+        from ajepa.tools.probebench import bench_probe, format_probe
+        r = bench_probe(args.clips, args.width, block_mb=args.block_mb, max_iter=args.max_iter, device=args.device)
+        return json.dumps(r) if args.json else format_probe(r)
     if args.bench == "features":
         r = bench_features(args.clips, args.workers)
         if args.json:
