@@ -17,7 +17,9 @@ import errno
 import json
 import multiprocessing as mp
 import os
+import resource
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -224,10 +226,80 @@ def extract_features(manifest: pd.DataFrame, out_dir: Path, frontend: FrontEnd, 
                           out_dir, out_dir / "rejects.csv")
 
 
+def open_shard_budget() -> int:
+    """How many shard files one process keeps open: a sixteenth of its soft descriptor limit (16 at
+    a limit of 256, 64 at 1,024), so that the loader's pipes and shared-memory handles, the
+    checkpoint and the logs keep the rest, whatever the shard count."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(2, min(64, (soft if soft != resource.RLIM_INFINITY else 1024) // 16))
+
+
+class ShardReader:
+    """Rows of the shards of one store by positional reads (os.pread) from a bounded set of open files.
+
+    A memory map keeps its file open (mmap duplicates the descriptor), so mapping every shard touched
+    ran out of descriptors at a few hundred shards. Here the least recently used file is closed when
+    `max_open` are open. pread does not move a shared file offset, so a forked loader worker reads
+    safely through the descriptors it inherits; a pickled reader starts with none."""
+
+    def __init__(self, root: Path, shape: tuple[int, int], max_open: int | None = None):
+        self.root, self.shape = root, shape
+        self.max_open = max_open or open_shard_budget()
+        self.row_bytes = shape[0] * shape[1] * 2
+        self._open: OrderedDict[int, tuple] = OrderedDict()
+
+    def _file(self, s: int) -> tuple:
+        """(file, data offset, rows) of shard s, opened and its header checked on first use."""
+        if s in self._open:
+            self._open.move_to_end(s)
+            return self._open[s]
+        path = self.root / f"shard-{s:05d}.npy"
+        f = open(path, "rb")
+        try:
+            rows = self._header(f, path)
+        except BaseException:
+            f.close()
+            raise
+        while len(self._open) >= self.max_open:
+            self._open.popitem(last=False)[1][0].close()
+        self._open[s] = (f, f.tell(), rows)
+        return self._open[s]
+
+    def _header(self, f, path: Path) -> int:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read:
+                raise ValueError(f"npy format {version}")
+            shape, fortran, dtype = read[version](f)
+        except ValueError as e:
+            raise AjepaError(f"{path}: not a feature shard ({e}); rerun `ajepa features`") from None
+        if dtype != np.float16 or fortran or len(shape) != 3 or tuple(shape[1:]) != self.shape:
+            raise AjepaError(f"{path}: holds {dtype} {shape}, expected float16 [clips, {self.shape[0]}, "
+                             f"{self.shape[1]}] as stats.json says; rerun `ajepa features`")
+        return int(shape[0])
+
+    def read(self, s: int, row: int) -> np.ndarray:
+        f, offset, rows = self._file(s)
+        data = os.pread(f.fileno(), self.row_bytes, offset + row * self.row_bytes) if row < rows else b""
+        if len(data) != self.row_bytes:
+            raise AjepaError(f"{self.root / f'shard-{s:05d}.npy'}: row {row} is cut short (a damaged or "
+                             f"truncated shard); rerun `ajepa features`")
+        return np.frombuffer(data, dtype=np.float16).reshape(self.shape)
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1][0].close()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": OrderedDict()}
+
+
 class FeatureStore:
     """Read-only access to a feature directory: normalised float32 spectrograms by position.
 
-    Shards are memory-mapped lazily, so a store pickled into DataLoader workers opens its own maps.
+    Shards are read through a ShardReader, so the open files stay bounded and a store pickled into
+    DataLoader workers opens its own.
     """
 
     def __init__(self, root: str | os.PathLike, splits: tuple[str, ...] | None = None):
@@ -242,7 +314,7 @@ class FeatureStore:
             index = index[index["split"].isin(splits)]
         self.index = index.reset_index(drop=True)
         self.mean, self.std = float(self.stats["mean"]), float(self.stats["std"])
-        self._shards: dict[int, np.ndarray] = {}
+        self.reader = ShardReader(self.root, self.shape)
         self._shard = self.index["shard"].to_numpy()
         self._row = self.index["row"].to_numpy()
 
@@ -255,18 +327,10 @@ class FeatureStore:
 
     def raw(self, i: int) -> np.ndarray:
         """The stored (un-normalised, float16) fbank of clip i."""
-        s = int(self._shard[i])
-        if s not in self._shards:
-            self._shards[s] = np.load(self.root / f"shard-{s:05d}.npy", mmap_mode="r")
-        return self._shards[s][int(self._row[i])]
+        return self.reader.read(int(self._shard[i]), int(self._row[i]))
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return normalize(torch.from_numpy(self.raw(i).astype(np.float32)), self.mean, self.std)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_shards"] = {}
-        return state
 
     def fingerprint(self) -> dict:
         """What a training run over these clips depends on: the normalisation and the clip count."""
