@@ -23,6 +23,8 @@ from ajepa.datasets.registry import REGISTRY
 from ajepa.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+# frames per clip: 16x AudioSet's 1024 (164 s at 10 ms), beyond any ViT's sequence on one GPU
+MAX_TARGET_LENGTH = 16384
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +444,9 @@ class Params:
             if ds.target_length <= 0 or ds.target_length % self.features.patch_size:
                 _bad(f"datasets.{name}.target_length", ds.target_length,
                      f"must be a positive multiple of features.patch_size ({self.features.patch_size})")
+            if ds.target_length > MAX_TARGET_LENGTH:
+                _bad(f"datasets.{name}.target_length", ds.target_length,
+                     f"must be at most {MAX_TARGET_LENGTH} frames (a typo? AudioSet's 10 s clips take 1024)")
             for file_name in getattr(ds.prepare, "checksums", {}):
                 if file_name not in REGISTRY[name].file_names:
                     _bad(f"datasets.{name}.prepare.checksums.{file_name}", ds.prepare.checksums[file_name],
