@@ -28,6 +28,8 @@ PARAMS_FILE = "params.yaml"
 # audio ViT published, has 1.0 B weights; a depth or width far beyond is a typo (depth 100000 for 10)
 # that would otherwise end in an out-of-memory kill without a word.
 MAX_TRANSFORMER_WEIGHTS, MAX_DEPTH = 2_000_000_000, 256
+# frames per clip: 16x AudioSet's 1024 (164 s at 10 ms), beyond any ViT's sequence on one GPU
+MAX_TARGET_LENGTH = 16384
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +487,9 @@ class Params:
             if ds.target_length <= 0 or ds.target_length % self.features.patch_size:
                 _bad(f"datasets.{name}.target_length", ds.target_length,
                      f"must be a positive multiple of features.patch_size ({self.features.patch_size})")
+            if ds.target_length > MAX_TARGET_LENGTH:
+                _bad(f"datasets.{name}.target_length", ds.target_length,
+                     f"must be at most {MAX_TARGET_LENGTH} frames (a typo? AudioSet's 10 s clips take 1024)")
             for file_name in getattr(ds.prepare, "checksums", {}):
                 if file_name not in REGISTRY[name].file_names:
                     _bad(f"datasets.{name}.prepare.checksums.{file_name}", ds.prepare.checksums[file_name],

@@ -64,11 +64,16 @@ def test_threshold_stops_stage_and_keeps_previous_output(tmp_path):
     msg = str(e.value)
     assert f"{n_bad} of {n_good + n_bad} clips rejected" in msg and "max_reject_fraction 20.0%" in msg
     assert "\n" not in msg
-    # nothing half-written: the old store is intact, no temporary left, the rejects list is kept aside
+    # nothing half-written: the old store is intact, the rejects list is kept aside, and the finished
+    # shards wait in the work folder (no other temporary is left)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".feat.partial"]
     listed = pd.read_csv(tmp_path / "feat.rejects.csv")
     assert len(listed) == n_bad
+    # a rerun that accepts the rejects keeps every shard instead of computing them again
+    s = extract_features(manifest, out, FrontEnd(), 64, 4, 1, max_reject_fraction=0.5, progress=False)
+    assert s.kept_shards == -(-len(manifest) // 4) and s.rejected == n_bad
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_stats_use_training_splits_only(tmp_path):

@@ -33,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from ajepa.atomic import atomic_path
 from ajepa.config import AttentiveConfig, LinearConfig
 from ajepa.downstream import metrics
 from ajepa.downstream.common import summarize

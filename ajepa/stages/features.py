@@ -25,4 +25,5 @@ def run(params: Params, dataset: str) -> str:
     return (f"features {dataset}: {s.accepted} of {s.clips} clips -> {s.out_dir}/ "
             f"({ds.target_length} x {cfg.num_mel_bins} float16, {s.rejected} rejected, listed in "
             f"{s.rejects_file}); train-split mean {s.mean:.4f}, std {s.std:.4f}; "
-            f"{s.audio_seconds / 3600:.2f} h of audio in {s.seconds:.1f} s ({speed:.0f}x real time).")
+            f"{s.audio_seconds / 3600:.2f} h of audio in {s.seconds:.1f} s ({speed:.0f}x real time)"
+            + (f"; {s.kept_shards} shards kept from a stopped run." if s.kept_shards else "."))

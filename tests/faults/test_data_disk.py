@@ -75,10 +75,11 @@ def test_features_on_a_full_disk_fail_in_one_line(tmp_path, workers):
 
 
 def test_a_killed_feature_worker_fails_the_run_instead_of_hanging(tmp_path):
-    manifest = write_clips(tmp_path / "audio", 3)
-    fifo = tmp_path / "audio" / "stuck.wav"
-    os.mkfifo(fifo)  # opening it blocks until a writer comes: the worker that takes it holds its task
-    manifest.loc[len(manifest)] = ["stuck", str(fifo), "noise", 1, "train"]
+    manifest = write_clips(tmp_path / "audio", 7)
+    for name in ("stuck", "stuck2"):  # one in each shard of 8: each worker's task blocks
+        fifo = tmp_path / "audio" / f"{name}.wav"
+        os.mkfifo(fifo)  # opening it blocks until a writer comes: the worker that takes it holds its task
+        manifest.loc[len(manifest)] = [name, str(fifo), "noise", 1, "train"]
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     script = _script(tmp_path, FEATURES)
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "manifest.csv"),

@@ -83,7 +83,7 @@ def test_sigterm_outside_the_training_loop_stops_with_one_line(template, tmp_pat
     root = project(template, tmp_path / "p")
     proc = start(root, "features", "synth")
     try:
-        wait_for(lambda: any(p.name.endswith(".tmp") for p in (root / "data/features").iterdir()), proc)
+        wait_for(lambda: (root / "data/features/.synth.partial").is_dir(), proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -92,6 +92,7 @@ def test_sigterm_outside_the_training_loop_stops_with_one_line(template, tmp_pat
     assert last_line(err) == "ajepa features: stopped by SIGTERM"
     assert "Traceback" not in err  # its pool's workers, terminated with SIGTERM too, end quietly as before
     assert not any(p.name.endswith(".tmp") for p in (root / "data/features").iterdir())
+    assert (root / "data/features/.synth.partial").is_dir()  # kept: a rerun resumes from its finished shards
 
 
 @pytest.mark.parametrize("cut", ["empty summary", "cut summary", "cut row"])

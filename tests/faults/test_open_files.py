@@ -1,0 +1,63 @@
+"""Open files stay bounded whatever the shard count: every reader of a feature store of 1,000+ shards
+(one clip per shard) passes under a 256-descriptor limit, as a cluster job with a low soft limit has.
+
+Before, a store kept one memory map (and so one open file) per shard it had touched: pretraining died
+after 32 steps with `OSError: [Errno 24] Too many open files`, fine-tuning after a few batches."""
+
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ajepa.cli import main
+from train_project import ENV, cwd, smoke_params, write_params
+
+LIMIT = 256
+
+
+def _limited():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
+
+
+def ajepa_limited(root, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ajepa.cli", *args], cwd=root, env=ENV, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=_limited)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many_shards")
+    p = smoke_params()
+    p["datasets"]["synth"]["prepare"].update(pool_clips=1100, clips_per_class=25)
+    p["features"]["shard_clips"] = 1
+    p["pretrain"]["optim"].update(epochs=1, batch_size=32)
+    p["pretrain"]["num_workers"] = 2  # forked loader workers read the shards too
+    p["finetune"]["synth"].update(epochs=1, batch_size=32)
+    write_params(root, p)
+    with cwd(root):
+        for command in (["prepare", "synth"], ["features", "synth"], ["pool", "synth"]):
+            assert main(command) == 0, command
+    return root
+
+
+def test_the_store_has_more_shards_than_the_limit_allows_open(project):
+    assert len(list((project / "data/features/synth").glob("shard-*.npy"))) > 4 * LIMIT
+
+
+def test_pretraining_finetuning_the_probe_and_embed_pass_under_256_descriptors(project, tmp_path):
+    for args in (["pretrain"], ["finetune", "synth"], ["linear", "synth"]):
+        r = ajepa_limited(project, *args)
+        assert r.returncode == 0, (args, r.stderr[-3000:])
+        assert "Too many open files" not in r.stderr
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2 * LIMIT):
+        sf.write(audio / f"{i:04d}.wav", 0.1 * rng.standard_normal(4000).astype(np.float32), 16000)
+    r = ajepa_limited(project, "embed", str(audio), "--out", str(tmp_path / "emb.npz"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(tmp_path / "emb.npz") as z:
+        assert z["embeddings"].shape[0] == 2 * LIMIT and np.isfinite(z["embeddings"]).all()
