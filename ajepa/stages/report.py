@@ -58,7 +58,16 @@ def collect(params: Params) -> tuple[dict, dict]:
                     summary[bench][method] = {metric: m[method][metric],
                                               **{k: m[method][k] for k in ("std", *SECONDARY) if k in m[method]}}
                     info[bench]["runs"][method] = {r["split"]: r[metric] for r in m[method]["runs"]}
+        for method, mark in partial_runs(info[bench]["runs"]).items():
+            summary[bench][method]["runs"] = mark
     return summary, info
+
+
+def partial_runs(runs: dict) -> dict[str, str]:
+    """{METHOD: "fold1 of 5"} for the rows averaged over fewer protocol runs than the benchmark has (a
+    fine-tuning budget of `runs: 1`), so they are not read as the mean over every fold beside those that are."""
+    total = max((len(r) for r in runs.values()), default=0)
+    return {m: f"{', '.join(r)} of {total}" for m, r in runs.items() if len(r) < total}
 
 
 def run(params: Params) -> str:
@@ -107,8 +116,7 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
         f"Pretraining: {' + '.join(f'`{d}`' for d in params.pretrain.datasets)} ({', '.join(params.pretrain.splits)}), "
         f"encoder {e.embed_dim}/{e.depth}/{e.num_heads} (width/depth/heads), predictor "
         f"{p.embed_dim}/{p.depth}/{p.num_heads} ({p.init} init), masking `{params.pretrain.masking.mode}`, "
-        f"{pretrain['steps']} steps in {pretrain['seconds']:g} s, final loss {pretrain['final_loss']:.4f}, "
-        f"{pretrain['samples_per_s']:g} samples/s on {pretrain['device']} (x{pretrain['world_size']}); "
+        f"{pretrain['steps']} steps, final loss {pretrain['final_loss']:.4f}; "
         f"effective rank of the targets {pretrain.get('target_rank', float('nan')):.1f} of {e.embed_dim} "
         "(near 1: collapsed).",
         "",
@@ -125,7 +133,8 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
                 continue
             r = rows[method]
             std = f" ± {r['std']:.2f}" if "std" in r else ""
-            lines.append(f"| {bench} | {metric} | {label} | {r[metric]:.2f}{std} | |")
+            only = f" ({r['runs']} only)" if "runs" in r else ""
+            lines.append(f"| {bench} | {metric} | {label} | {r[metric]:.2f}{std}{only} | |")
         for model, value in PAPER_RESULTS.get(bench, {}).items():
             lines.append(f"| {bench} | {metric} | {model}, fine-tuned | | {value:.1f} |")
     lines += ["", "## Does self-supervision help?", ""]
@@ -144,7 +153,9 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
     lines += [
         "",
         "How to read it: `this run` is the mean over the protocol's runs (± the population std over folds for "
-        "K-fold benchmarks). The A-JEPA rows use the pretrained encoder; the random-init rows use the same "
+        "K-fold benchmarks), or over the runs it names (`fold1 of 5 only`: a fine-tuning budget). Seconds and "
+        "throughput are in `logs/timing/`, not here: a rerun that computes the same numbers writes the same "
+        "report. The A-JEPA rows use the pretrained encoder; the random-init rows use the same "
         "architecture with untrained weights (what pretraining adds); the fbank row is a linear probe on the "
         "time-averaged log-mel spectrogram (what the input alone gives). Paper rows are published fine-tuning "
         "results of ViT-B models pretrained on AudioSet-2M; they compare with the fine-tuned rows of "

@@ -380,7 +380,8 @@ def _finish(trainer: Trainer, run: RunState, paths: PretrainPaths, dist: DistInf
     signal (`stopped_by`) ended it early, raise Interrupted once the state is saved."""
     counters = run.counters()
     seconds = counters["seconds"]
-    save(trainer, checkpoint, this_run, dist, counters)
+    if run.step > start_step:  # a rerun of a finished run trained nothing: its checkpoint stays as it is
+        save(trainer, checkpoint, this_run, dist, counters)
     if stopped_by:
         raise Interrupted(stopped_by, f"stopped by {signal_name(stopped_by)} after step {run.step}: checkpoint "
                                       f"{checkpoint} saved; rerun to resume from it")
