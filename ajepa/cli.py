@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
 
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
+    s = sub.add_parser("compare", help="the experiments of `dvc exp show`: params changed and each benchmark's "
+                                       "headline metrics, one row per experiment")
+    s.add_argument("--width", type=int, default=120, help="table width in characters (default 120)")
     s = sub.add_parser("params-format", help="rewrite params.yaml in the layout `dvc exp run -S` writes (lists one "
                                              "item per line, null empty), so a -S run changes only its keys' lines")
     s.add_argument("--check", action="store_true", help="write nothing; exit 1 when params.yaml is not in that layout")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         signals.restore()
 
 
-TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc", "params-format")  # the commands that are no pipeline stage
+TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc", "params-format", "compare")  # the commands that are no pipeline stage
 
 
 def _run_tool(args) -> int:
@@ -181,6 +184,9 @@ def _run_tool(args) -> int:
         r = gpucheck.gpu_check(args.params, cpu=args.cpu)
         print(json.dumps(r))
         return 1 if r.get("ok") is False else 0
+    elif args.command == "compare":
+        from ajepa.tools import compare
+        print(compare.run(args.width))
     elif args.command == "params-format":
         from ajepa.tools import paramfile
         changed = paramfile.format_file(args.params, check=args.check)

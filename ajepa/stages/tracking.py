@@ -34,12 +34,14 @@ def prune_live(live_dir: Path, start_step: int) -> None:
     reads back on resuming) removed; the resumed run writes it again at its first step."""
     for tsv in (Path(live_dir) / "plots" / "metrics").rglob("*.tsv"):
         try:
-            table = pd.read_csv(tsv, sep="\t").dropna()
+            # as text: a logged NaN (a metric undefined at that step) is kept as written, and only a cut
+            # row (a field missing) is dropped
+            table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
         except pd.errors.EmptyDataError:
             tsv.unlink()
             continue
-        table = table.astype({"step": int})
-        table[table["step"] < start_step].to_csv(tsv, sep="\t", index=False)
+        table = table[(table != "").all(axis=1)]
+        table[table["step"].astype(int) < start_step].to_csv(tsv, sep="\t", index=False)
     summary = Path(live_dir) / "metrics.json"
     try:
         json.loads(summary.read_text())
