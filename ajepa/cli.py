@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         signals.restore()
 
 
-TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc", "params-format", "compare")  # the commands that are no pipeline stage
+# the commands that are no pipeline stage
+TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc", "params-format", "compare")
 
 
 def _run_tool(args) -> int:

@@ -104,9 +104,8 @@ def plot_tables(task, records: list[dict]) -> dict[str, pd.DataFrame]:
         pairs = pd.DataFrame([{"actual": task.classes[int(task.y[pos])], "predicted": task.classes[int(np.argmax(s))]}
                               for r in records for pos, s in zip(r["test_positions"], r["test_scores"])],
                              columns=["actual", "predicted"])
-        one_hot = np.eye(len(task.classes), dtype=np.int64)
-        per_run = [multilabel_metrics(one_hot[np.asarray(task.y)[r["test_positions"]]], r["test_scores"])["per_class_ap"]
-                   for r in records]
+        one_hot = np.eye(len(task.classes), dtype=np.int64)[np.asarray(task.y)]
+        per_run = [multilabel_metrics(one_hot[r["test_positions"]], r["test_scores"])["per_class_ap"] for r in records]
     runs = np.array([[np.nan if v is None else v for v in r] for r in per_run], float).reshape(-1, len(task.classes))
     counts = np.isfinite(runs).sum(axis=0)
     mean = np.where(counts > 0, np.nansum(runs, axis=0) / np.maximum(counts, 1), np.nan)
