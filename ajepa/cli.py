@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     sub = p.add_subparsers(dest="command", required=True, metavar="STAGE", help="the stage or tool to run")
 
+    sub.add_parser("check", help="validate every key of params.yaml (the stage every other stage depends on)")
+
     s = sub.add_parser("prepare", help="generate or fetch a dataset and write its manifest")
     s.add_argument("dataset", help="dataset name under `datasets` in params.yaml: synth, words, esc50, spc2, "
                                    "spc1, as20k, as2m, vox1")
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
 
     sub.add_parser("params-doc", help="print docs/parameters.md: every params.yaml key, its type, value and meaning")
+    s = sub.add_parser("compare", help="the experiments of `dvc exp show`: params changed and each benchmark's "
+                                       "headline metrics, one row per experiment")
+    s.add_argument("--width", type=int, default=120, help="table width in characters (default 120)")
+    s = sub.add_parser("params-format", help="rewrite params.yaml in the layout `dvc exp run -S` writes (lists one "
+                                             "item per line, null empty), so a -S run changes only its keys' lines")
+    s.add_argument("--check", action="store_true", help="write nothing; exit 1 when params.yaml is not in that layout")
 
     _add_bench(sub)
     return p
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         signals.restore()
 
 
-TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc")  # the commands that are no pipeline stage
+# the commands that are no pipeline stage
+TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc", "params-format", "compare")
 
 
 def _run_tool(args) -> int:
@@ -196,6 +205,15 @@ def _run_tool(args) -> int:
         print(json.dumps(r))
         print(gpucheck.summary_line(r), file=sys.stderr)
         return 0 if r["ok"] else 1
+    elif args.command == "compare":
+        from ajepa.tools import compare
+        print(compare.run(args.width))
+    elif args.command == "params-format":
+        from ajepa.tools import paramfile
+        changed = paramfile.format_file(args.params, check=args.check)
+        print(f"{args.params}: {'not ' if changed and args.check else ''}in the layout `dvc exp run -S` writes"
+              f"{' (rewritten)' if changed and not args.check else ''}")
+        return 1 if changed and args.check else 0
     else:
         from ajepa.tools import paramdoc
         print(paramdoc.render(args.params), end="")
@@ -207,6 +225,9 @@ def _run_stage(args) -> str:
     from ajepa.config import load_params
     params = load_params(args.params)
     _check_project_folder(Path(args.params))
+    if args.command == "check":
+        from ajepa.stages import check
+        return check.run(params)
     if args.command == "prepare":
         from ajepa.stages import prepare
         return prepare.run(params, args.dataset, source=args.source)

@@ -27,24 +27,31 @@ __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_emb
 
 HearModel = AudioEncoder
 AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974  # AudioMAE/AST published fbank statistics
-# The untrained stand-in `load_model()` builds without a weights file: ViT-tiny width, two blocks, on
-# the AudioSet grid (1024 frames x 128 mel bins). For API checks, not a representation.
+# The untrained stand-in `load_model(random_init=True)` builds: ViT-tiny width, two blocks, on the
+# AudioSet grid (1024 frames x 128 mel bins). For API checks, not a representation.
 DEFAULT_ENCODER = {"grid": [64, 8], "patch_size": 16, "embed_dim": 192, "depth": 2, "num_heads": 3,
                    "mlp_ratio": 4.0}
 
 
 def load_model(model_file_path: str = "", *, mean: float | None = None, std: float | None = None,
-               encoder_config: dict | None = None, seed: int = 0, max_windows: int = 32) -> AudioEncoder:
+               encoder_config: dict | None = None, seed: int = 0, max_windows: int = 32,
+               random_init: bool = False) -> AudioEncoder:
     """An exported encoder (an export folder, its model.safetensors, or models/pretrain) for the HEAR API,
-    normalised with the statistics in its export (`mean`/`std` replace them).
+    normalised with the statistics in its export (`mean`/`std` replace them). Without a path it is an
+    error: an untrained encoder scores as a representation without saying so.
 
-    Without a path: a randomly initialised encoder, `encoder_config` (default DEFAULT_ENCODER) seeded
-    with `seed`, normalised with AudioSet's statistics unless `mean`/`std` are given.
-    `max_windows` bounds the grid-length windows per encoder call (memory)."""
+    With `random_init` or an `encoder_config` (and no path): a randomly initialised encoder,
+    `encoder_config` (default DEFAULT_ENCODER) seeded with `seed`, normalised with AudioSet's statistics
+    unless `mean`/`std` are given, for API checks. `max_windows` bounds the grid-length windows per
+    encoder call (memory)."""
     if model_file_path:
-        if encoder_config is not None:
-            raise AjepaError("encoder_config is for the random encoder; an export carries its own config")
+        if encoder_config is not None or random_init:
+            raise AjepaError("encoder_config and random_init are for the random encoder; an export carries its "
+                             "own config and weights")
         return load_encoder(model_file_path, mean=mean, std=std, max_windows=max_windows)
+    if encoder_config is None and not random_init:
+        raise AjepaError("load_model: no model_file_path: pass an export folder (e.g. models/pretrain/context, "
+                         "what `ajepa pretrain` writes), or random_init=True for an untrained encoder (API checks)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = spectrogram_encoder(encoder_config if encoder_config is not None else DEFAULT_ENCODER)

@@ -1,13 +1,23 @@
 """Where each stage reads and writes, relative to the repository root.
 
-dvc.yaml and the Snakemake rules name the same paths; `ajepa dag --check` compares them, and its
-allow-list of DVC-only persistent outputs is built from the functions here.
+dvc.yaml and the Snakemake rules name the same paths (the Snakefile reads dvc.yaml).
 """
 
 import re
 from pathlib import Path
 
 DATA = Path("data")
+
+
+def params_checked() -> Path:
+    """What `ajepa check` writes once params.yaml passed validation; every stage depends on it."""
+    return DATA / "params.checked"
+
+
+def timing_file(stage: str) -> Path:
+    """Where a stage's seconds and throughput go: no output of any stage, git-ignored, never compared
+    by `dvc exp show` or `dvc metrics diff`, so a rerun that computes the same numbers changes nothing."""
+    return Path("logs") / "timing" / f"{stage}.json"
 
 
 def raw_dir(dataset: str) -> Path:
@@ -38,7 +48,8 @@ def pretrain_dir() -> Path:
 
 
 def pretrain_state_dir() -> Path:
-    """Resumable training state: persistent and uncached in dvc.yaml, never a Snakemake output."""
+    """Resumable training state: no output of the pretrain stage in dvc.yaml nor in the Snakefile (scratch
+    space the stage keeps beside its outputs; neither tool deletes it before a run)."""
     return Path("models") / "pretrain_state"
 
 
@@ -58,7 +69,7 @@ def pretrained_encoder(which: str) -> Path:
 
 
 def embeddings_dir(benchmark: str) -> Path:
-    """Cached frozen-encoder embeddings of the linear stage (persistent and uncached in dvc.yaml)."""
+    """Frozen-encoder embeddings of the linear stage (a persistent, cached output in dvc.yaml)."""
     return DATA / "embeddings" / benchmark
 
 
@@ -71,7 +82,7 @@ def finetune_results(benchmark: str) -> Path:
 
 
 def finetune_state_dir(benchmark: str) -> Path:
-    """Resumable fine-tuning state, one checkpoint per run (persistent and uncached in dvc.yaml)."""
+    """Resumable fine-tuning state, one checkpoint per run (no stage output, as pretrain_state_dir)."""
     return Path("models") / "finetune_state" / benchmark
 
 

@@ -55,19 +55,31 @@ def _save(fig, path: Path, dpi: int = 90) -> None:
 
 
 def plot_pretrain_curves(curves_dir: Path, path: Path) -> None:
-    """The DVCLive training curves (loss, target rank, lr, EMA momentum, TF fraction) on one page."""
+    _save(pretrain_curves_figure(curves_dir), path)
+
+
+def pretrain_curves_figure(curves_dir: Path):
+    """The DVCLive training curves (loss with its position-only floor, target rank, lr, EMA momentum, TF
+    fraction) on one page."""
     names = [n for n in ("loss", "target_rank", "lr", "ema_momentum", "tf_fraction")
              if (curves_dir / f"{n}.tsv").exists()]
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.6 * max(len(names), 1), 2.8), squeeze=False)
+    floor = curves_dir / "position_only_loss.tsv"
     for ax, name in zip(axes[0], names):
         curve = read_curve(curves_dir / f"{name}.tsv")
-        ax.plot(curve.index, curve.values, lw=1.2)
+        ax.plot(curve.index, curve.values, lw=1.2, label="A-JEPA")
         ax.set_xlabel("step")
         ax.set_title(name.replace("_", " "), fontsize=9)
         if name == "loss":
             ax.set_yscale("log")
+        if name == "loss" and floor.exists():
+            # what the targets' positions alone predict: the loss must go below it for context to count
+            position_only = read_curve(floor)
+            ax.plot(position_only.index, position_only.values, lw=1.2, ls="--", color="tab:gray",
+                    label="position only")
+            ax.legend(fontsize=7)
     fig.suptitle("A-JEPA pretraining", fontsize=10)
-    _save(fig, path)
+    return fig
 
 
 def read_curve(path: Path):
@@ -96,10 +108,15 @@ def plot_learning_curve(curves: dict, path: Path) -> None:
 
 
 def plot_benchmark_bars(bench: str, rows: dict, metric: str, paper: dict[str, float], path: Path) -> None:
-    """This run's methods (with fold std as error bars) and the paper's fine-tuned numbers."""
+    _save(benchmark_bars_figure(bench, rows, metric, paper), path)
+
+
+def benchmark_bars_figure(bench: str, rows: dict, metric: str, paper: dict[str, float]):
+    """This run's methods (with fold std as error bars; a row over fewer runs than the protocol's names
+    them) and the paper's fine-tuned numbers, where it has some."""
     labels, values, errs, colours = [], [], [], []
     for method, r in rows.items():
-        labels.append(method.replace("_", " "))
+        labels.append(method.replace("_", " ") + (f"\n({r['runs']})" if "runs" in r else ""))
         values.append(r[metric])
         errs.append(r.get("std", 0.0))
         colours.append("tab:blue" if method in ("linear", "finetune") else "tab:gray")
@@ -112,5 +129,6 @@ def plot_benchmark_bars(bench: str, rows: dict, metric: str, paper: dict[str, fl
     ax.bar(range(len(values)), values, yerr=errs, color=colours, capsize=3)
     ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{bench}: this run (blue: A-JEPA, grey: baselines), paper (orange)", fontsize=9)
-    _save(fig, path)
+    ax.set_title(f"{bench}: this run (blue: A-JEPA, grey: baselines)" + (", paper (orange)" if paper else ""),
+                 fontsize=9)
+    return fig

@@ -14,7 +14,6 @@ from ajepa.downstream import finetune
 from ajepa.downstream.protocols import Task, eval_splits
 from ajepa.masks import MaskGenerator
 from ajepa.models import AJEPA, SpectrogramEncoder, set_activation_checkpointing
-from ajepa.train.checkpoint import load_checkpoint
 from ajepa.train.compute import largest_fitting, micro_slices, resolve_micro_batch
 from ajepa.train.pretrain import build, train_step
 from conftest import REPO, tiny_params

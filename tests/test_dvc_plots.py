@@ -34,7 +34,9 @@ def test_confusion_pairs_are_the_argmax_of_every_run():
         {"actual": "bark", "predicted": "bark"}, {"actual": "rain", "predicted": "rain"},
         {"actual": "siren", "predicted": "bark"}, {"actual": "siren", "predicted": "siren"},
         {"actual": "rain", "predicted": "siren"}]
-    assert tables["per_class_ap.csv"].empty and list(tables["per_class_ap.csv"].columns) == ["class", "ap"]
+    # AP of each class against the rest, from the same scores (every class ranked its test positives first):
+    # the per-class plot has data for single-label sets too
+    assert tables["per_class_ap.csv"].to_dict("records") == [{"class": c, "ap": 100.0} for c in CLASSES]
 
 
 def test_per_class_ap_is_the_mean_over_runs_best_first():
@@ -68,6 +70,10 @@ def test_dvc_draws_the_tables_and_shows_each_metric_once(tmp_path):
     [confusion] = shown["data"][f"results/finetune/{synth}/confusion.csv"]
     assert '"field": "actual"' in json.dumps(confusion["content"]) and "rect" in json.dumps(confusion["content"])
     assert [v["class"] for v in plot_data(shown, f"results/finetune/{words}/per_class_ap.csv")] == ["bark", "siren"]
+    assert [v["class"] for v in plot_data(shown, f"results/finetune/{synth}/per_class_ap.csv")] == CLASSES
+    # bars from 0: with DVC's own axis (from the smallest value) three APs of 100 would draw three empty bars
+    [ap_plot] = shown["data"][f"results/finetune/{synth}/per_class_ap.csv"]
+    assert ap_plot["content"]["encoding"]["x"]["scale"] == {"zero": True}
     # DVCLive's run summaries are not read as plots
     assert not [e for e in shown.get("errors", []) if e["name"].endswith("metrics.json")], shown["errors"]
 

@@ -51,7 +51,7 @@ def test_model_attributes(model):
     width = TINY["grid"][1] * TINY["embed_dim"]
     assert type(model.scene_embedding_size) is int and model.scene_embedding_size == width
     assert type(model.timestamp_embedding_size) is int and model.timestamp_embedding_size == width
-    default = hear.load_model()
+    default = hear.load_model(random_init=True)
     assert default.scene_embedding_size == hear.DEFAULT_ENCODER["grid"][1] * hear.DEFAULT_ENCODER["embed_dim"]
     assert default.encoder.grid == tuple(hear.DEFAULT_ENCODER["grid"])
 
@@ -164,6 +164,8 @@ def test_eval_even_after_train_mode(model):
 
 
 def test_errors(tmp_path, exported):
+    with pytest.raises(AjepaError, match="no model_file_path: pass an export folder .* or random_init=True"):
+        hear.load_model()  # never an untrained encoder unasked
     path, _ = exported
     with pytest.raises(AjepaError, match="encoder_config"):
         hear.load_model(str(path), encoder_config=TINY)

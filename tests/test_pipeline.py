@@ -84,7 +84,7 @@ def test_dvc_pretrain_outputs(dvc_copy):
     metrics = json.loads((root / "results/pretrain/metrics.json").read_text())
     assert metrics["steps"] == 2 * ((24 + 24) // 8) and math.isfinite(metrics["final_loss"])  # both pools
     assert [json.loads((root / f"data/pool/{d}.json").read_text())["clips"] for d in ("synth", "words")] == [24, 24]
-    assert (root / "models/pretrain_state/checkpoint.pt").exists()
+    assert (root / "models/pretrain_state/checkpoint.pt").exists()  # no output, kept beside them
     assert (root / "results/pretrain/masks.png").read_bytes()[:4] == b"\x89PNG"
     shown = run(["dvc", "metrics", "show"], root).stdout
     assert "final_loss" in shown
@@ -238,7 +238,9 @@ def test_one_benchmark_linear_probe_reruns_alone(dvc_copy):
         assert ran == {"linear@synth"}, ran
         after = json.loads((root / "results/linear/synth/metrics.json").read_text())
         assert all(run_["l2"] == 10.0 for run_ in after["linear"]["runs"])
-        assert all(row["seconds"] >= 0 for row in after.values() if isinstance(row, dict) and "runs" in row)
+        timing = json.loads((root / "logs/timing/linear-synth.json").read_text())  # seconds live apart
+        assert timing.keys() == {k for k, row in after.items() if isinstance(row, dict) and "runs" in row}
+        assert all(row["seconds"] >= 0 for row in timing.values())
         assert after["linear"]["runs"] != before["linear"]["runs"]
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
         # the other benchmark's probe reads the same `linear` section; the report is downstream of both

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ajepa.config import parse_params
-from ajepa.datasets import synth
 from ajepa.data.store import FeatureStore
 from ajepa.errors import AjepaError
 from ajepa.export import read_export
@@ -19,7 +18,7 @@ from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
 from ajepa.train.distributed import init_distributed
 from ajepa.stages.tracking import open_live
 from ajepa.train.pretrain import PretrainPaths, pretrain
-from conftest import pool_features, run, tiny_params
+from conftest import pool_features, tiny_params
 
 
 @pytest.fixture(scope="module")

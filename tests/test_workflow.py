@@ -40,7 +40,7 @@ def test_snakemake_runs_every_dvc_stage_with_its_command_and_outputs(tmp_path):
     out = run(["snakemake", "--dry-run", "--forceall", "--printshellcmds", "--cores", "1", "--nocolor"], root).stdout
     jobs = [j for j in parse_dry_run(out) if j["rule"] != "all"]
     dvc = dvcp.dvc_stages(root)
-    assert len(jobs) == len(dvc) == 12  # prepare, features, pool x 2 datasets; linear, finetune x 2; pretrain, report
+    assert len(jobs) == len(dvc) == 13  # check; prepare, features, pool x 2 datasets; linear, finetune x 2; pretrain, report
     for job in jobs:
         item = job.get("wildcards", "").removeprefix("item=")
         stage = dvc[f"{job['rule']}@{item}" if item else job["rule"]]

@@ -16,13 +16,13 @@ from ajepa.atomic import write_csv, write_json
 from ajepa.config import Params
 from ajepa.device import pick_device
 from ajepa.downstream.common import build_encoder, file_sha256, summarize, summary_lines
-from ajepa.downstream.metrics import secondary
+from ajepa.downstream.metrics import multilabel_metrics, secondary
 from ajepa.downstream.finetune import finetune_run, result_dict
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS
 from ajepa.lock import state_lock
-from ajepa.stages.tracking import open_live
+from ajepa.stages.tracking import open_live, write_timing
 from ajepa.train.checkpoint import config_hash
 from ajepa.train.compute import without_compute_keys
 
@@ -88,8 +88,10 @@ def _write_results(benchmark: str, task, results: dict[str, list], out) -> dict:
     for init, records in results.items():
         runs = [{"split": r["name"].split("-", 1)[1], m: round(float(r["test"][m]), 2),
                  **secondary(r["test"]), "best_epoch": r["best_epoch"],
-                 f"val_{m}": round(float(r["val_score"]), 2), "seconds": round(r["seconds"], 1)} for r in records]
+                 f"val_{m}": round(float(r["val_score"]), 2)} for r in records]
         rows[INITS[init]] = summarize(runs, m)
+    write_timing(f"finetune-{benchmark}", {r["name"]: {"seconds": round(r["seconds"], 1)}
+                                           for records in results.values() for r in records})
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": m,
                                       "classes": len(task.classes), **rows})
     write_csv(out / "predictions.csv", _predictions(task, results))
@@ -100,21 +102,24 @@ def _write_results(benchmark: str, task, results: dict[str, list], out) -> dict:
 
 def plot_tables(task, records: list[dict]) -> dict[str, pd.DataFrame]:
     """What `dvc plots` draws of the fine-tuned encoder, over the test clips of every run (dvc.yaml):
-    confusion.csv, one (actual, predicted) row per clip for DVC's confusion template, and
-    per_class_ap.csv, AP per class (mean over runs; classes without a test positive left out), best
-    first. A multi-label set has no confusion matrix and a single-label one is read by its confusion
-    matrix, so each benchmark leaves one of the two empty (header only), the same files for every item."""
-    pairs, ap = pd.DataFrame(columns=["actual", "predicted"]), pd.DataFrame(columns=["class", "ap"])
+    confusion.csv, one (actual, predicted) row per clip for DVC's confusion template (single-label sets;
+    header only for multi-label ones), and per_class_ap.csv, AP per class (one class against the rest
+    for a single-label set; mean over runs; classes without a test positive left out), best first."""
+    pairs = pd.DataFrame(columns=["actual", "predicted"])
     if task.multi_label:
-        runs = np.array([[np.nan if v is None else v for v in r["test"]["per_class_ap"]] for r in records], float)
-        counts = np.isfinite(runs).sum(axis=0)
-        mean = np.where(counts > 0, np.nansum(runs, axis=0) / np.maximum(counts, 1), np.nan)
-        keep = [k for k in np.argsort(-np.nan_to_num(mean, nan=-1.0)) if np.isfinite(mean[k])]
-        ap = pd.DataFrame({"class": [task.classes[k] for k in keep], "ap": [round(float(mean[k]), 3) for k in keep]})
+        per_run = [r["test"]["per_class_ap"] for r in records]
     else:
         pairs = pd.DataFrame([{"actual": task.classes[int(task.y[pos])], "predicted": task.classes[int(np.argmax(s))]}
                               for r in records for pos, s in zip(r["test_positions"], r["test_scores"])],
                              columns=["actual", "predicted"])
+        one_hot = np.eye(len(task.classes), dtype=np.int64)[np.asarray(task.y)]
+        per_run = [multilabel_metrics(one_hot[r["test_positions"]], r["test_scores"])["per_class_ap"] for r in records]
+    runs = np.array([[np.nan if v is None else v for v in r] for r in per_run], float).reshape(-1, len(task.classes))
+    counts = np.isfinite(runs).sum(axis=0)
+    mean = np.where(counts > 0, np.nansum(runs, axis=0) / np.maximum(counts, 1), np.nan)
+    keep = [k for k in np.argsort(-np.nan_to_num(mean, nan=-1.0), kind="stable") if np.isfinite(mean[k])]
+    ap = pd.DataFrame({"class": [task.classes[k] for k in keep], "ap": [round(float(mean[k]), 3) for k in keep]},
+                      columns=["class", "ap"])
     return {"confusion.csv": pairs, "per_class_ap.csv": ap}
 
 

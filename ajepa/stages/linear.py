@@ -7,10 +7,11 @@ Rows (each the mean over the protocol's runs):
   fbank_baseline          the time-averaged log-mel spectrogram: what the input alone gives
   attentive               V-JEPA's attentive probe on the tokens of `downstream.encoder`
   attentive_random_init   the attentive probe on the untrained encoder
-Each row carries the seconds it took (with the embedding of the clips, unless data/embeddings/ held it).
-Embeddings go to disk batch by batch and the probes read them back in blocks (ajepa.downstream.linear),
-so memory is bounded by `linear.block_mb`, not by the clip count. A failure leaves a metrics file that
-says so (ajepa.stages.outcome), for the report's row.
+The seconds each row took (with the embedding of the clips, unless data/embeddings/ held it) go to
+logs/timing/linear-BENCH.json, apart from the metrics. Embeddings go to disk batch by batch and the
+probes read them back in blocks (ajepa.downstream.linear), so memory is bounded by `linear.block_mb`,
+not by the clip count. A failure leaves a metrics file that says so (ajepa.stages.outcome), for the
+report's row.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS, read_export
 from ajepa.lock import state_lock
 from ajepa.stages.outcome import recorded_failure
+from ajepa.stages.tracking import write_timing
 from ajepa.train.checkpoint import config_hash
 
 ENCODERS = ("target", "context")
@@ -59,7 +61,8 @@ class EmbeddingCache:
 
 
 def _timed(fn) -> dict:
-    """fn()'s row with the wall-clock seconds it took (embedding included, unless the cache had it)."""
+    """fn()'s row, with the wall-clock seconds it took (embedding included, unless the cache had it) under
+    the key "seconds", which _run moves to the timing file."""
     start = time.perf_counter()
     row = fn()
     return row | {"seconds": round(time.perf_counter() - start, 1)}
@@ -131,13 +134,14 @@ def _run(params: Params, benchmark: str, device: torch.device) -> str:
     cache = EmbeddingCache(task, benchmark)
     rows = probe_rows(task, cfg, chosen, encoder_paths, cache, device)
     cache.prune()
+    summary = summary_lines(rows, task.metric)  # with each row's seconds, before they leave the rows
+    write_timing(f"linear-{benchmark}", {name: {"seconds": row.pop("seconds")} for name, row in rows.items()})
     out = paths.linear_results(benchmark)
     write_json(out / "metrics.json", {"benchmark": benchmark, "protocol": task.protocol, "metric": task.metric,
                                       "classes": len(task.classes), "encoder": chosen, "pooling": cfg.pooling,
                                       **rows})
-    m = task.metric
     lines = [f"linear {benchmark}: {task.protocol} protocol, {len(task.splits)} run(s), {len(task.classes)} classes, "
              f"{chosen} encoder, pooling over {cfg.pooling}"]
-    lines += summary_lines(rows, m)
+    lines += summary
     lines.append(f"  -> {out / 'metrics.json'}")
     return "\n".join(lines)

@@ -112,14 +112,22 @@ def collect(params: Params) -> tuple[dict, dict]:
                 info[bench].update(head)
             for method, r in rows.items():
                 summary[bench][method], info[bench]["runs"][method] = r["row"], r["runs"]
+        for method, mark in partial_runs(info[bench]["runs"]).items():
+            summary[bench][method]["runs"] = mark
     return summary, info
+
+
+def partial_runs(runs: dict) -> dict[str, str]:
+    """{METHOD: "fold1 of 5"} for the rows averaged over fewer protocol runs than the benchmark has (a
+    fine-tuning budget of `runs: 1`), so they are not read as the mean over every fold beside those that are."""
+    total = max((len(r) for r in runs.values()), default=0)
+    return {m: f"{', '.join(r)} of {total}" for m, r in runs.items() if len(r) < total}
 
 
 def run(params: Params) -> str:
     summary, info = collect(params)
     out = paths.report_dir()
-    pretrain = _read(paths.pretrain_results() / "metrics.json",
-                     ("steps", "seconds", "final_loss", "samples_per_s", "device", "world_size"))
+    pretrain = _read(paths.pretrain_results() / "metrics.json", ("steps", "final_loss"))
     problems = {b: info[b]["problems"] for b in summary if info[b]["problems"]}
     write_json(out / "summary.json", {b: {**rows, **({"problems": problems[b]} if b in problems else {})}
                                       for b, rows in summary.items()})
@@ -158,6 +166,24 @@ def checks(bench: str, rows: dict, info: dict) -> list[str]:
     return out
 
 
+def table_rows(bench: str, rows: dict, info: dict) -> list[str]:
+    """The results table's rows of one benchmark: each method, its problems, the paper's numbers."""
+    lines = []
+    metric = info["metric"]
+    for method, label in METHODS.items():
+        if method not in rows:
+            continue
+        r = rows[method]
+        std = f" ± {r['std']:.2f}" if r.get("std") is not None else ""
+        only = f" ({r['runs']} only)" if "runs" in r else ""
+        value = "not a number (null in summary.json)" if r[metric] is None else f"{r[metric]:.2f}{std}{only}"
+        lines.append(f"| {bench} | {metric} | {label} | {value} | |")
+    lines += [f"| {bench} | {metric or ''} | PROBLEM | {p} | |" for p in info["problems"]]
+    for model, value in PAPER_RESULTS.get(bench, {}).items():
+        lines.append(f"| {bench} | {metric} | {model}, fine-tuned | | {value:.1f} |")
+    return lines
+
+
 def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Params) -> str:
     e, p, o = params.pretrain.encoder, params.pretrain.predictor, params.pretrain.optim
     lines = [
@@ -168,8 +194,7 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
         f"{p.embed_dim}/{p.depth}/{p.num_heads} ({p.init} init), masking `{params.pretrain.masking.mode}`, "
         f"peak lr {peak_lr(o.lr, o.batch_size, o.lr_scaling):g} at batch {o.batch_size} (`lr: {o.lr:g}` read as "
         f"`lr_scaling: {o.lr_scaling}`; docs/recipes.md), "
-        f"{pretrain['steps']} steps in {pretrain['seconds']:g} s, final loss {pretrain['final_loss']:.4f}, "
-        f"{pretrain['samples_per_s']:g} samples/s on {pretrain['device']} (x{pretrain['world_size']}); "
+        f"{pretrain['steps']} steps, final loss {pretrain['final_loss']:.4f}; "
         f"effective rank of the targets {pretrain.get('target_rank', float('nan')):.1f} of {e.embed_dim} "
         "(near 1: collapsed).",
         "",
@@ -180,17 +205,7 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
         "|---|---|---|---|---|",
     ]
     for bench, rows in summary.items():
-        metric = info[bench]["metric"]
-        for method, label in METHODS.items():
-            if method not in rows:
-                continue
-            r = rows[method]
-            std = f" ± {r['std']:.2f}" if r.get("std") is not None else ""
-            value = "not a number (null in summary.json)" if r[metric] is None else f"{r[metric]:.2f}{std}"
-            lines.append(f"| {bench} | {metric} | {label} | {value} | |")
-        lines += [f"| {bench} | {metric or ''} | PROBLEM | {p} | |" for p in info[bench]["problems"]]
-        for model, value in PAPER_RESULTS.get(bench, {}).items():
-            lines.append(f"| {bench} | {metric} | {model}, fine-tuned | | {value:.1f} |")
+        lines += table_rows(bench, rows, info[bench])
     lines += ["", "## Does self-supervision help?", ""]
     for bench, rows in summary.items():
         lines += [f"- {bench}: {c}" for c in checks(bench, rows, info[bench])]
@@ -207,7 +222,9 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
     lines += [
         "",
         "How to read it: `this run` is the mean over the protocol's runs (± the population std over folds for "
-        "K-fold benchmarks). The A-JEPA rows use the pretrained encoder; the random-init rows use the same "
+        "K-fold benchmarks), or over the runs it names (`fold1 of 5 only`: a fine-tuning budget). Seconds and "
+        "throughput are in `logs/timing/`, not here: a rerun that computes the same numbers writes the same "
+        "report. The A-JEPA rows use the pretrained encoder; the random-init rows use the same "
         "architecture with untrained weights (what pretraining adds); the fbank row is a linear probe on the "
         "time-averaged log-mel spectrogram (what the input alone gives). Paper rows are published fine-tuning "
         "results of ViT-B models pretrained on AudioSet-2M; they compare with the fine-tuned rows of "

@@ -4,8 +4,8 @@ A preset (presets/NAME.yaml) holds only the keys whose values differ from the em
 Merging walks the preset: a mapping merges key by key, anything else (number, string, list)
 replaces the value in params.yaml. A preset may not add keys: a key that params.yaml lacks is
 an error rather than a value nobody reads, and the merged parameters must pass the same
-validation as every stage before params.yaml is rewritten (atomically, keeping its comments and
-layout, as `dvc exp run -S` does).
+validation as every stage before params.yaml is rewritten (atomically, keeping its comments, in
+the layout `dvc exp run -S` writes: ajepa.tools.paramfile).
 
 Presets are applied to whatever params.yaml holds, so apply one to the committed default
 (`git checkout params.yaml` first) rather than on top of another preset.
@@ -13,18 +13,16 @@ Presets are applied to whatever params.yaml holds, so apply one to the committed
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError as RuamelError
 
 from ajepa.atomic import write_text
 from ajepa.config import PARAMS_FILE, parse_params, read_yaml
 from ajepa.errors import AjepaError, ConfigError
+from ajepa.tools import paramfile
 
 PRESET_DIR = Path("presets")
 
@@ -65,7 +63,7 @@ def merge(params: dict, preset: dict, source: str = "preset", prefix: str = "") 
     """Merge `preset` into `params` in place; return the values that changed.
 
     `params` may be a plain dict or ruamel's round-trip mapping: lists are replaced in place so
-    that their flow style and trailing comments survive."""
+    that their trailing comments survive."""
     changes: list[Change] = []
     for key, new in preset.items():
         dotted = f"{prefix}{key}"
@@ -95,19 +93,12 @@ def apply_preset(name: str | Path, params_file: str | Path = PARAMS_FILE, dry_ru
     path = preset_path(name)
     preset = load_preset(path)
     params_file = Path(params_file)
-    rt = _round_trip()
     try:
-        text = params_file.read_text()
-        read_yaml(text, str(params_file))  # refuses what ruamel would keep: aliases, duplicate keys
-        doc = rt.load(text)
+        doc = paramfile.load(params_file.read_text(), str(params_file))
     except FileNotFoundError:
         raise ConfigError(f"{params_file}: not found (run from the repository root or pass --params)") from None
-    except RuamelError as e:
-        raise ConfigError(f"{params_file}: not valid YAML: {' '.join(str(e).split())}") from None
     changes = merge(doc, preset, source=str(path))
-    out = io.StringIO()
-    rt.dump(doc, out)
-    merged = out.getvalue()
+    merged = paramfile.dump(doc)
     parse_params(read_yaml(merged), source=f"{params_file} with preset {path}")
     if changes and not dry_run:
         write_text(params_file, merged)
@@ -122,30 +113,6 @@ def describe(name: str | Path, params_file: str | Path, changes: list[Change], d
     lines = [f"preset {path}: {verb} {len(changes)} value(s) in {params_file}:"]
     lines += [f"  {c.key}: {_show(c.old)} -> {_show(c.new)}" for c in changes]
     return "\n".join(lines)
-
-
-def _round_trip() -> YAML:
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.width = 4096  # never re-wrap a long line
-    rt.representer.add_representer(float, _represent_float)
-    # ruamel writes None as an empty value; params.yaml spells it `null`, and a diff should not
-    # show every unset source changing
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return rt
-
-
-def _represent_float(representer, value: float):
-    """Floats with a dot in the mantissa (1.0e-06, not ruamel's 1e-06), which YAML 1.1 readers
-    such as PyYAML (Snakemake's config) also take for numbers."""
-    if value != value or value in (float("inf"), float("-inf")):
-        text = ".nan" if value != value else (".inf" if value > 0 else "-.inf")
-    else:
-        text = repr(value)
-        mantissa, e, exponent = text.partition("e")
-        if e and "." not in mantissa:
-            text = f"{mantissa}.0e{exponent}"
-    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
 def _plain(value: Any) -> Any:

@@ -204,9 +204,11 @@ class Engine:
                 return stopped_by
         return 0
 
-    def finish(self, counters: dict, stopped_by: int, unit: str, done: int) -> None:
-        """Save the last state; when a signal (`stopped_by`) ended the run early, raise Interrupted then."""
-        self.save(counters)
+    def finish(self, counters: dict, stopped_by: int, unit: str, done: int, trained: bool = True) -> None:
+        """Save the last state (a rerun of a finished run trained nothing: its checkpoint stays as it is);
+        when a signal (`stopped_by`) ended the run early, raise Interrupted then."""
+        if trained:
+            self.save(counters)
         self.saved = done
         if stopped_by:
             raise Interrupted(stopped_by, f"stopped by {signal_name(stopped_by)} after {unit} {done}: checkpoint "

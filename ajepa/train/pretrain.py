@@ -277,7 +277,7 @@ def _finish(engine: Engine, run: RunState, paths: PretrainPaths, export: dict, s
     signal (`stopped_by`) ended it early, raise Interrupted once the state is saved."""
     counters = run.counters()
     seconds = counters["seconds"]
-    engine.finish(counters, stopped_by, "step", run.step)
+    engine.finish(counters, stopped_by, "step", run.step, trained=run.step > start_step)
     if engine.dist.is_main and run.step == export["training"]["steps"]:
         for which, folder in paths.encoders.items():
             write_export(folder, getattr(engine.model, f"{which}_encoder"), {"encoder": which, **export})

@@ -19,7 +19,7 @@ from ajepa.data.frontend import FrontEnd
 from ajepa.datasets.audioset import index_audio
 from ajepa.hear import load_model
 from ajepa.tools.embed import audio_files, embed_files
-from data_clips import FRONTEND, TARGET_LENGTH, write_clips
+from data_clips import write_clips
 from exports import make_export
 from train_project import ENV
 

@@ -2,14 +2,12 @@
 folder output goes) is refused and kept; a file where an output's folder should be, a read-only
 target and a Ctrl-C while the old tree is deleted are one line each, and leave nothing behind."""
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

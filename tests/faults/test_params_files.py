@@ -3,7 +3,6 @@ asks for a giant encoder, more mel bins than the FFT can fill. Each is one line 
 the key, before anything is allocated; none is read silently."""
 
 import copy
-import resource
 import subprocess
 import sys
 import textwrap

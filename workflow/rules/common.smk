@@ -2,6 +2,7 @@
 # pretraining starts on several GPUs. Keyed by the DVC stage name (before any "@ITEM"); the SLURM
 # profile (workflow/profiles/slurm) overrides them by the same names.
 RESOURCES = {
+    "check": dict(mem_mb=1000, runtime=5),
     "prepare": dict(mem_mb=4000, runtime=60),
     "features": dict(mem_mb=8000, runtime=60),
     "pool": dict(mem_mb=2000, runtime=10),

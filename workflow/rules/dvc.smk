@@ -15,6 +15,16 @@ if config != yaml.safe_load(Path(workflow.basedir, "params.yaml").read_text()):
     raise WorkflowError("snakemake --config/--configfile changes parameters that every `ajepa` command reads from "
                         "params.yaml: put them there (`ajepa preset NAME`, or edit it) and run again without them")
 
+# A bad value stops the workflow here, before Snakemake deletes any job's outputs (its jobs rerun for the
+# keys they read; the `check` rule itself has none, so it runs once, making what every rule depends on).
+from ajepa.config import load_params  # noqa: E402
+from ajepa.errors import ConfigError  # noqa: E402
+
+try:
+    load_params(Path(workflow.basedir, "params.yaml"))
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
 STAGES = dvcp.dvc_stages(workflow.basedir)
 
 
