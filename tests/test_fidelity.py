@@ -4,6 +4,7 @@ fine-tuning. Every value is read from the objects the library builds from the me
 shrunk in depth so that a ViT-B builds in seconds on a CPU; widths and head counts stay the paper's."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -36,7 +37,8 @@ def _shrunk(cfg):
 
 
 def _trainer(cfg):
-    return pt.build(cfg, GRID, PATCH, STEPS_PER_EPOCH, torch.device("cpu"))
+    """The built parts (model, optimizer, lr, wd, momentum, ...) as attributes."""
+    return types.SimpleNamespace(**pt.build(cfg, GRID, PATCH, STEPS_PER_EPOCH, torch.device("cpu")))
 
 
 @pytest.fixture(scope="module")

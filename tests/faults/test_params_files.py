@@ -51,7 +51,9 @@ def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, where):
     r = _limited(f"import sys; sys.exit(ajepa.cli.main({command!r}))", tmp_path)
     line = _one_line(r)
     source = params if where == "params.yaml" else tmp_path / "bomb.yaml"
-    assert f"{source}: not valid YAML" in line and "alias *a is not allowed" in line and "line 3" in line, line
+    assert f"{source}: not valid YAML" in line and "alias *a is not allowed" in line, line
+    bomb_line = 3 if where == "preset" else len((REPO / "params.yaml").read_text().splitlines()) + 4
+    assert f"line {bomb_line}" in line, line
 
 
 def test_a_duplicate_key_is_an_error_naming_it(tmp_path):
