@@ -194,7 +194,8 @@ def test_partial_fine_tuning_is_marked_in_the_summary(tmp_path, monkeypatch):
     from ajepa.config import parse_params
     linear = {"metric": "accuracy", "protocol": "folds", "classes": 3,
               "linear": {"accuracy": 60.0, "runs": [{"split": f"fold{i}", "accuracy": 60.0} for i in (1, 2, 3)]}}
-    finetune = {"finetune": {"accuracy": 70.0, "runs": [{"split": "fold1", "accuracy": 70.0}]}}
+    finetune = {"metric": "accuracy", "protocol": "folds", "classes": 3,
+                "finetune": {"accuracy": 70.0, "runs": [{"split": "fold1", "accuracy": 70.0}]}}
     params = load_repo_params()
     params["pipeline"]["benchmarks"] = ["synth"]
     write_json(tmp_path / "results/linear/synth/metrics.json", linear)

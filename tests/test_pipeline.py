@@ -66,15 +66,15 @@ def test_each_stage_reruns_only_for_its_own_params(dvc_copy):
         # one benchmark's fine-tuning recipe: that benchmark's fine-tuning only (the report follows its outputs)
         _set_params(root, lambda p: p["finetune"]["synth"].update(epochs=3))
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
-        assert stages == {"finetune@synth"}
+        assert stages == {"check", "finetune@synth"}  # `check` validates every parameter, so any change reruns it
         # the probes' settings: the probes (and the report that shows them), never pretraining
         _set_params(root, lambda p: p["linear"].update(max_iter=7))
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
-        assert stages == {"linear@synth", "linear@words"}
+        assert stages == {"check", "linear@synth", "linear@words"}
         # which encoder downstream uses: probes, fine-tuning and the report, not pretraining
         _set_params(root, lambda p: p["downstream"].update(encoder={"context": "target"}.get(p["downstream"]["encoder"], "context")))
         stages = set(re.findall(r"^(\S+):$", run(["dvc", "status"], root).stdout, re.M))
-        assert stages == {"linear@synth", "linear@words", "finetune@synth", "finetune@words", "report"}
+        assert stages == {"check", "linear@synth", "linear@words", "finetune@synth", "finetune@words", "report"}
     finally:
         run(["git", "checkout", "params.yaml"], root)
 
@@ -235,7 +235,7 @@ def test_one_benchmark_linear_probe_reruns_alone(dvc_copy):
         out = r.stdout + r.stderr
         assert "Running stage 'linear@synth'" in out
         ran = set(re.findall(r"Running stage '([^']+)'", out))
-        assert ran == {"linear@synth"}, ran
+        assert ran == {"check", "linear@synth"}, ran
         after = json.loads((root / "results/linear/synth/metrics.json").read_text())
         assert all(run_["l2"] == 10.0 for run_ in after["linear"]["runs"])
         timing = json.loads((root / "logs/timing/linear-synth.json").read_text())  # seconds live apart

@@ -65,11 +65,11 @@ def test_slurm_profile_runs_the_smoke_pipeline_through_sbatch(cluster, tmp_path)
     r = run(["snakemake", "--profile", str(profile)], root, env=cluster.env, timeout=900)
     out = r.stdout + r.stderr
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", out)
-    # every job but `all`: prepare, features, pool x 2; pretrain; linear, finetune x 2; report
-    assert len(submitted) == 12, out
+    # every job but `all`: check; prepare, features, pool x 2; pretrain; linear, finetune x 2; report
+    assert len(submitted) == 13, out
     jobs = {rule: [j for j in js if j["id"] in submitted] for rule, js in _jobs(cluster).items()}
     assert {rule: len(js) for rule, js in jobs.items() if js} == {
-        "prepare": 2, "features": 2, "pool": 2, "pretrain": 1, "linear": 2, "finetune": 2, "report": 1}
+        "check": 1, "prepare": 2, "features": 2, "pool": 2, "pretrain": 1, "linear": 2, "finetune": 2, "report": 1}
     assert all(j["state"] == "COMPLETED" for js in jobs.values() for j in js), jobs
     assert (jobs["pretrain"][0]["nodes"], jobs["pretrain"][0]["cpus"]) == (1, 1)  # the profile's nodes: 1
     assert (root / "results/report.md").exists() and (root / "models/pretrain/context").is_dir()

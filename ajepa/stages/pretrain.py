@@ -21,7 +21,7 @@ from ajepa.lock import state_lock
 from ajepa.masks import block_masks, time_frequency_masks
 from ajepa.plots import plot_masks
 from ajepa.stages.pool import check as check_pool
-from ajepa.stages.tracking import open_live
+from ajepa.stages.tracking import open_live, write_timing
 from ajepa.train.distributed import DistInfo, cleanup, init_distributed, launch, launched, local_processes
 from ajepa.train.pretrain import PretrainPaths, PretrainResult, build_mask_generator, pretrain
 
@@ -86,7 +86,8 @@ def train(params: Params, stop_after: int | None = None) -> str:
                 _draw_masks(cfg, store, out)
             evaluate = learning_curve(params, dist.device) if dist.is_main else None
             with StopSignals(deferred=True) as stop:  # SIGINT/SIGTERM: save at the next step boundary, then stop
-                r = pretrain(cfg, store, out, dist, open_log=open_live(paths.pretrain_live_dir()),
+                log = open_live(paths.pretrain_live_dir(), paths.timing_file("pretrain").with_suffix(""))
+                r = pretrain(cfg, store, out, dist, open_log=log,
                              stop_after=stop_after, evaluate=evaluate, stop_requested=stop.requested)
             if dist.is_main:
                 _write_metrics(out, r, dist)
@@ -103,9 +104,10 @@ def _state_lock(dist: DistInfo):
 
 def _write_metrics(out: PretrainPaths, r: PretrainResult, dist: DistInfo) -> None:
     write_json(out.metrics, {"steps": r.steps, "final_loss": r.final_loss, "tf_fraction": r.tf_fraction,
-                             "target_rank": round(r.target_rank, 2), "samples_per_s": round(r.samples_per_s, 2),
-                             "seconds": round(r.seconds, 1), "probe_seconds": round(r.probe_seconds, 1),
-                             "world_size": dist.world_size, "device": str(dist.device)})
+                             "target_rank": round(r.target_rank, 2)})
+    write_timing("pretrain", {"samples_per_s": round(r.samples_per_s, 2), "seconds": round(r.seconds, 1),
+                              "probe_seconds": round(r.probe_seconds, 1), "world_size": dist.world_size,
+                              "device": str(dist.device)})
 
 
 def _summary(cfg, store: StoreUnion, out: PretrainPaths, r: PretrainResult, dist: DistInfo,
