@@ -104,10 +104,9 @@ def _state_lock(dist: DistInfo):
 
 def _write_metrics(out: PretrainPaths, r: PretrainResult, dist: DistInfo) -> None:
     write_json(out.metrics, {"steps": r.steps, "final_loss": r.final_loss, "tf_fraction": r.tf_fraction,
-                             "target_rank": round(r.target_rank, 2)})
+                             "target_rank": round(r.target_rank, 2), "world_size": dist.world_size})
     write_timing("pretrain", {"samples_per_s": round(r.samples_per_s, 2), "seconds": round(r.seconds, 1),
-                              "probe_seconds": round(r.probe_seconds, 1), "world_size": dist.world_size,
-                              "device": str(dist.device)})
+                              "probe_seconds": round(r.probe_seconds, 1), "device": str(dist.device)})
 
 
 def _summary(cfg, store: StoreUnion, out: PretrainPaths, r: PretrainResult, dist: DistInfo,

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import pandas as pd
@@ -114,7 +113,9 @@ def run_pretrain(cwd: Path, launcher: tuple[str, ...] = ()) -> dict:
     t0 = time.perf_counter()
     summary = ajepa(cwd, "pretrain", launcher=launcher)
     loss = pd.read_csv(cwd / "results/pretrain/live/plots/metrics/train/loss.tsv", sep="\t")["loss"].tolist()
-    metrics = json.loads((cwd / "results/pretrain/metrics.json").read_text())
+    # the model's figures and the machine's (seconds, samples/s, device: logs/timing, kept apart)
+    metrics = {**json.loads((cwd / "results/pretrain/metrics.json").read_text()),
+               **json.loads((cwd / "logs/timing/pretrain.json").read_text())}
     return {"seconds": round(time.perf_counter() - t0, 1), "loss": loss, "metrics": metrics, "summary": summary}
 
 
@@ -171,21 +172,24 @@ def check_micro_batch(params_file: str, miniature: bool, processes: int) -> dict
     """What `micro_batch: auto` chooses for the paper's global batch on this node (one process per GPU),
     probed by the pretraining code itself on a paper-size model: clips per forward/backward and the
     accumulation steps that make up the per-process batch. On the CPU auto takes the whole batch."""
-    from ajepa.train.distributed import DistInfo
-    from ajepa.train.pretrain import build_model, configure_compute
+    from ajepa.train.engine import Engine, single_process
+    from ajepa.train.pretrain import build, probe_loss
 
     params = paper_params(params_file, miniature)
     cfg = params.pretrain
     device = torch.device("cpu") if miniature else torch.device("cuda", 0)
     patch, length = params.features.patch_size, params.dataset(cfg.datasets[0]).target_length
     grid = (length // patch, params.features.num_mel_bins // patch)
-    model = build_model(cfg, grid, patch).to(device)
-    dist = DistInfo(rank=0, world_size=processes, local_rank=0, device=device, is_main=True)
-    size = configure_compute(cfg, SimpleNamespace(model=model), dist, grid, patch, total_steps=1000)
-    del model
+    local = cfg.optim.batch_size // processes
+    # one process's share of the batch, as each of the `processes` resolves it (no process group here)
+    parts = build(cfg, grid, patch, 1000, device)
+    engine = Engine("pretrain", parts, single_process(device), Path(os.devnull), "")
+    engine.configure(local, cfg.micro_batch, cfg.activation_checkpointing, False,
+                     probe_loss(cfg, parts["model"], grid, patch, 1000, device))
+    size = engine.micro_batch or local
+    del engine, parts
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    local = cfg.optim.batch_size // processes
     return {"ok": 1 <= size <= local, "setting": cfg.micro_batch, "global_batch": cfg.optim.batch_size,
             "processes": processes, "per_process_batch": local, "micro_batch": size,
             "accumulation_steps": math.ceil(local / size), "input": [length, params.features.num_mel_bins]}
