@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 # dvc.yaml and the Snakefile call `ajepa`, `dvc` and `snakemake` by name: put the venv first
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test snakemake check gpu-check clean
+.PHONY: install run test test-fast snakemake check gpu-check clean
 
 # Reinstall when the dependency list changes; the stamp keeps `make test` fast otherwise.
 $(VENV)/.installed: pyproject.toml
@@ -22,11 +22,17 @@ run: install
 test: install
 	python -m pytest
 
+# the unit tests alone (no test marked slow: none starts ajepa, dvc, snakemake or a training run), in under a minute
+test-fast: install
+	python -m pytest -m "not slow" -q
+
 snakemake: install
 	snakemake --cores all
 
-# the Snakefile (read from dvc.yaml) lints clean, and docs/parameters.md is current
+# ruff clean (its rules in pyproject.toml), the Snakefile (read from dvc.yaml) lints clean, and
+# docs/parameters.md is current
 check: install
+	ruff check ajepa tests
 	snakemake --lint
 	ajepa params-doc | diff -u docs/parameters.md -
 

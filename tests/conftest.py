@@ -130,3 +130,44 @@ def tiny_export(tmp_path_factory):
              PretrainPaths({"context": models / "context", "target": models / "target"}, root / "state",
                            root / "metrics.json"), init_distributed(), enable_progress=False)
     return models, store
+
+
+# -- the two tiers -------------------------------------------------------------------------------------
+# `make test-fast` runs `pytest -m "not slow"`: the unit tests, in under a minute. A test that starts a
+# program (ajepa, dvc, snakemake, torchrun, SLURM) or a fresh interpreter (multiprocessing's spawn) must
+# carry @pytest.mark.slow: the fixture below fails it otherwise, so the fast tier cannot drift slow.
+# Forked workers (a DataLoader's) do not count: they start in milliseconds.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes, the pipeline or a training run "
+                                       "(`make test-fast` leaves it out; `make test` runs everything)")
+
+
+@pytest.fixture(autouse=True)
+def _processes_need_the_slow_marker(request, monkeypatch):
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import multiprocessing.context
+    started = []
+    popen = subprocess.Popen.__init__
+
+    def recording_popen(self, args, *a, **kw):
+        started.append(args)
+        popen(self, args, *a, **kw)
+
+    def recording_start(original):
+        def start(self):
+            started.append(f"a {type(self).__name__}")
+            return original(self)
+        return start
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording_popen)
+    for cls in (multiprocessing.context.SpawnProcess, multiprocessing.context.ForkServerProcess):
+        monkeypatch.setattr(cls, "start", recording_start(cls.start))
+    yield
+    if started and os.environ.get("AJEPA_LIST_PROCESS_TESTS"):  # a listing run: record instead of failing
+        with open(os.environ["AJEPA_LIST_PROCESS_TESTS"], "a") as f:
+            f.write(request.node.nodeid + "\n")
+    elif started:
+        pytest.fail(f"{request.node.nodeid} starts {started[0]!r} (and {len(started) - 1} more processes) "
+                    "without @pytest.mark.slow", pytrace=False)
