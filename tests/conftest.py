@@ -64,6 +64,35 @@ def make_project_copy(dest: Path, params: dict, git: bool = True) -> Path:
     return dest
 
 
+
+GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+# `snakemake --cores 2` runs each training job with OMP_NUM_THREADS=2; the same thread count for DVC, as
+# float sums depend on it (in the last bits) and the tests compare the two byte for byte
+TWO_THREADS = {**os.environ, "OMP_NUM_THREADS": "2"}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The project with the repository's params.yaml (its layout and comments) and the smoke preset
+    applied by `ajepa preset smoke`, in its own git repo, run once with `dvc repro` and committed as a
+    user commits a run: (root, the repro's result). Tests work on a copy (`copy_project`)."""
+    root = make_project_copy(tmp_path_factory.mktemp("smoke_run"), load_repo_params(), git=False)
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    run(["ajepa", "preset", "smoke"], root)
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run([*GIT, "commit", "-q", "-m", "the project"], root)  # DVC experiments need a commit
+    r = run(["dvc", "repro"], root, env=TWO_THREADS)
+    run(["git", "add", "-A"], root)
+    run([*GIT, "commit", "-q", "-m", "smoke run"], root)
+    return root, r
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a project folder with its git history, DVC cache and outputs (links kept as links)."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
 def run(cmd, cwd, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and r.returncode != 0:

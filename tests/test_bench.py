@@ -4,10 +4,10 @@ import json
 
 import pytest
 import yaml
-
-from ajepa.tools import bench
-from ajepa.cli import main
 from conftest import tiny_params
+
+from ajepa.cli import main
+from ajepa.tools import bench
 
 
 @pytest.fixture()
@@ -19,6 +19,7 @@ def tiny_params_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_bench_pretrain_json(tiny_params_file, capsys):
     assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "2", "--batch", "4",
                  "--threads", "1", "--json"]) == 0
@@ -48,6 +49,7 @@ def test_bench_pretrain_json(tiny_params_file, capsys):
     assert r["modes"]["tf"]["context_patches"] > r["modes"]["block"]["context_patches"]
 
 
+@pytest.mark.slow
 def test_bench_pretrain_overrides_and_text(tiny_params_file, capsys):
     assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "1", "--batch", "2",
                  "--encoder", "tiny", "--target-length", "32", "--predictor-dim", "16", "--predictor-depth", "1",
@@ -70,6 +72,7 @@ def test_expected_tf_fraction():
     assert bench._expected_tf_fraction("inverse", 0.01) == pytest.approx(1 - f)
 
 
+@pytest.mark.slow
 def test_bench_pretrain_one_mode_headline_is_that_mode(tiny_params_file, capsys):
     params = yaml.safe_load(tiny_params_file.read_text())
     params["pretrain"]["masking"]["mode"] = "block"
@@ -82,6 +85,7 @@ def test_bench_pretrain_one_mode_headline_is_that_mode(tiny_params_file, capsys)
     assert r["samples_per_s"] == pytest.approx(r["modes"]["block"]["samples_per_s"])
 
 
+@pytest.mark.slow
 def test_bench_pretrain_reports_peak_memory_and_its_options(tiny_params_file, capsys):
     assert main(["--params", str(tiny_params_file), "bench", "pretrain", "--steps", "1", "--batch", "4",
                  "--threads", "1", "--activation-checkpointing", "--json"]) == 0

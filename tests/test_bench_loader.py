@@ -3,10 +3,13 @@
 import json
 import math
 
+import pytest
+
 from ajepa.cli import main
 from ajepa.tools import bench
 
 
+@pytest.mark.slow
 def test_bench_loader_on_its_own_tiny_store(capsys):
     assert main(["bench", "loader", "--clips", "24", "--frames", "96", "--batch", "8", "--steps", "2",
                  "--workers", "1", "2", "--json"]) == 0
@@ -23,6 +26,7 @@ def test_bench_loader_on_its_own_tiny_store(capsys):
     assert "docs/compute.md" in r["plan_source"]
 
 
+@pytest.mark.slow
 def test_bench_loader_text_names_the_workers_needed(capsys):
     assert main(["bench", "loader", "--clips", "16", "--frames", "96", "--batch", "8", "--steps", "1",
                  "--workers", "1"]) == 0

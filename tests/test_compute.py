@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, tiny_params
 
 from ajepa.config import ConfigError, load_params, parse_params
 from ajepa.downstream import finetune
@@ -16,7 +17,6 @@ from ajepa.masks import MaskGenerator
 from ajepa.models import AJEPA, SpectrogramEncoder, set_activation_checkpointing
 from ajepa.train.compute import largest_fitting, micro_slices, resolve_micro_batch
 from ajepa.train.pretrain import build, train_step
-from conftest import REPO, tiny_params
 
 GRID = (6, 8)
 

@@ -2,11 +2,11 @@ import copy
 
 import pytest
 import yaml
+from conftest import REPO, load_repo_params
 
 from ajepa.cli import main
 from ajepa.config import load_params, parse_params
 from ajepa.errors import ConfigError
-from conftest import REPO, load_repo_params
 
 
 def test_repository_params_parse():

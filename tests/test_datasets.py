@@ -8,19 +8,19 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import mini_datasets as mini
 import pandas as pd
 import pytest
 import yaml
+from conftest import load_repo_params
+from loopback import Loopback
 
-import mini_datasets as mini
 from ajepa.cli import main
+from ajepa.data.store import FeatureStore
 from ajepa.datasets.archive import HAS_TAR_FILTERS
 from ajepa.datasets.registry import REGISTRY
 from ajepa.datasets.speech_commands import SPC1_CLASSES
-from ajepa.data.store import FeatureStore
 from ajepa.downstream.protocols import eval_splits
-from conftest import load_repo_params
-from loopback import Loopback
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import REPO, load_repo_params
 
 from ajepa.cli import main
 from ajepa.device import pick_device
 from ajepa.errors import AjepaError
-from conftest import REPO, load_repo_params
 
 BUILD_MAJOR = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
 
@@ -51,12 +51,14 @@ def test_cpu_and_auto_run_on_the_cpu_and_cuda_stops_in_one_line(capsys):
         pick_device("banana", key="--device")
 
 
+@pytest.mark.slow
 @needs_cuda_build
 def test_no_driver_says_so(tmp_path):
     r = pick({}, "cuda")
     assert r.returncode != 0 and "no NVIDIA driver found (libcuda.so.1 does not load)" in r.stderr
 
 
+@pytest.mark.slow
 @needs_cuda_build
 def test_an_old_driver_is_named_with_the_versions(tmp_path):
     old = fake_driver(tmp_path, (BUILD_MAJOR - 1) * 1000 + 20)
@@ -69,6 +71,7 @@ def test_an_old_driver_is_named_with_the_versions(tmp_path):
     assert auto.stderr.count("\n") == 1 and "warning: distributed.device = 'auto' runs on the CPU" in auto.stderr
 
 
+@pytest.mark.slow
 @needs_cuda_build
 def test_no_visible_device_names_cuda_visible_devices(tmp_path):
     current = fake_driver(tmp_path, BUILD_MAJOR * 1000)

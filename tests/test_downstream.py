@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO
 
 from ajepa.config import load_params
 from ajepa.downstream.linear import AttentiveProbe, evaluate_embeddings, evaluate_tokens, fit_attentive, fit_probe
 from ajepa.downstream.protocols import Task, eval_splits
 from ajepa.errors import AjepaError
 from ajepa.models import pool_tokens
-from conftest import REPO
 
 LINEAR = load_params(REPO / "params.yaml").linear
 L2 = LINEAR.l2

@@ -5,10 +5,11 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+from conftest import load_repo_params, make_project_copy, run
 
 from ajepa.atomic import write_csv, write_json
 from ajepa.stages.finetune import plot_tables
-from conftest import load_repo_params, make_project_copy, run
 
 CLASSES = ["bark", "rain", "siren"]
 
@@ -51,6 +52,7 @@ def plot_data(shown: dict, path: str) -> list[dict]:
     return plot["content"]["data"]["values"]
 
 
+@pytest.mark.slow
 def test_dvc_draws_the_tables_and_shows_each_metric_once(tmp_path):
     params = load_repo_params()
     root = make_project_copy(tmp_path / "p", params)

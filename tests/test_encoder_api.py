@@ -162,6 +162,7 @@ except ImportError:
 """
 
 
+@pytest.mark.slow
 def test_an_export_loads_without_the_pipeline(tiny_export):
     models, _ = tiny_export
     r = subprocess.run([sys.executable, "-c", LIGHT, str(models)], capture_output=True, text=True, timeout=300)
@@ -174,7 +175,6 @@ def test_citation_names_the_paper_and_this_version():
     import re
 
     import yaml
-
     from conftest import REPO
     cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
     # pyproject.toml reads the version from ajepa.__version__; the installed metadata must agree too

@@ -6,14 +6,13 @@ comparison table, the plots, the curves' pruning).
 One `dvc repro` serves the pipeline tests (a module fixture); each leaves the workspace as it found it."""
 
 import json
-import os
 import re
-import shutil
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, TWO_THREADS, copy_project, load_repo_params, run, tree_digest
 from sklearn.metrics import average_precision_score
 
 from ajepa.errors import AjepaError
@@ -22,26 +21,14 @@ from ajepa.stages.finetune import plot_tables
 from ajepa.stages.report import collect, partial_runs
 from ajepa.stages.tracking import prune_live
 from ajepa.tools import compare, paramfile
-from conftest import REPO, load_repo_params, make_project_copy, run, tree_digest
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
-GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+ENV = TWO_THREADS
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """The project with the repository's params.yaml (its layout and comments) and the smoke preset
-    applied by `ajepa preset smoke`, run once with `dvc repro` and committed, as a user commits a run."""
-    root = make_project_copy(tmp_path_factory.mktemp("exp"), load_repo_params(), git=False)
-    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
-    run(["ajepa", "preset", "smoke"], root)
-    run(["git", "init", "-q"], root)
-    run(["git", "add", "-A"], root)
-    run([*GIT, "commit", "-q", "-m", "the project"], root)  # DVC experiments need a commit
-    run(["dvc", "repro"], root, env=ENV)
-    run(["git", "add", "-A"], root)
-    run([*GIT, "commit", "-q", "-m", "smoke run"], root)
-    return root
+def project(smoke_run, tmp_path_factory):
+    """The smoke run (the repository's params.yaml with `ajepa preset smoke`, `dvc repro`, committed)."""
+    return copy_project(smoke_run[0], tmp_path_factory.mktemp("exp") / "project")
 
 
 def _ran(text: str) -> set[str]:
@@ -55,6 +42,7 @@ def _wait_for_queue(root, timeout: float = 600) -> None:
         time.sleep(2)
 
 
+@pytest.mark.slow
 def test_a_queued_probe_sweep_reruns_no_pretraining_and_no_fine_tuning(project):
     """A queued run starts from a copy of the git tree plus DVC's cache: every output of an unchanged
     stage is there (the resumable state is no output), so only the probes and the report run. DVC's
@@ -82,6 +70,7 @@ def test_a_queued_probe_sweep_reruns_no_pretraining_and_no_fine_tuning(project):
     assert run(["git", "status", "--porcelain"], root).stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, named", [
     ("pretrain.optim.lr=abc", "pretrain.optim.lr = 'abc': must be a number"),
     ("pretrain.optim.lr=nan", "pretrain.optim.lr = nan: must be a finite number"),
@@ -104,12 +93,14 @@ def test_a_bad_value_fails_before_any_output_is_deleted(project, setting, named)
     run(["git", "reset", "-q"], root)  # what DVC staged (the test's own clean-up)
 
 
+@pytest.mark.slow
 def test_a_key_params_yaml_lacks_is_refused_by_dvc_itself(project):
     r = run(["dvc", "exp", "run", "-S", "linear.bogus=1"], project, check=False)
     assert r.returncode != 0 and not _ran(r.stdout + r.stderr)
     assert run(["git", "status", "--porcelain"], project).stdout == ""
 
 
+@pytest.mark.slow
 def test_a_rerun_with_unchanged_inputs_leaves_git_clean(project):
     """Seconds and samples/s live in logs/timing/, so rerunning every training stage writes the same
     files; the finished pretraining is not trained again and its checkpoint not rewritten."""
@@ -148,6 +139,7 @@ def test_params_yaml_is_a_fixed_point_of_dvcs_rewrite(tmp_path):
     assert "# a list" in path.read_text()
 
 
+@pytest.mark.slow
 def test_params_format_rewrites_and_checks(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("a: [1, 2]  # kept\n")

@@ -9,16 +9,16 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+from conftest import REPO, load_repo_params
 
 from ajepa.config import parse_params
 from ajepa.downstream.finetune import Classifier
 from ajepa.errors import ConfigError
 from ajepa.models import SpectrogramEncoder
 from ajepa.models.vit import Predictor
+from ajepa.tools.presets import load_preset, merge
 from ajepa.train import pretrain as pt
 from ajepa.train.schedules import WarmupCosine
-from ajepa.tools.presets import load_preset, merge
-from conftest import REPO, load_repo_params
 
 GRID, PATCH, STEPS_PER_EPOCH = (4, 8), 16, 10
 PUBLISHED = ["as2m", "as20k", "esc50", "spc2", "spc1", "vox1"]
@@ -100,6 +100,7 @@ def _grad_norm_after_step(cfg, grad_clip):
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+@pytest.mark.slow
 def test_paper_preset_does_not_clip_gradients(paper):
     """Neither I-JEPA nor AudioMAE clips in pretraining: the step keeps a gradient the embedded default's
     clip at 1.0 would shrink."""

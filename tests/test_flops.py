@@ -6,9 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ajepa.tools import flops
 from ajepa.masks import MaskGenerator
 from ajepa.models import AJEPA
+from ajepa.tools import flops
 from ajepa.train.pretrain import train_step
 
 GRID, P = (4, 8), 4  # input [B, 16, 32]

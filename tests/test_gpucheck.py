@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from ajepa.cli import main
 from ajepa.tools.gpucheck import check_spread, guarded
-from conftest import REPO
 
 
 def test_without_cuda_it_stops_in_one_line(capsys, monkeypatch):
@@ -31,16 +31,17 @@ def test_a_check_that_cannot_run_is_skipped_never_ok(tmp_path, monkeypatch):
     assert r["ddp"]["status"] == "skipped" and r["ddp"]["ok"] is None and "one visible GPU" in r["ddp"]["skipped"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 @pytest.mark.parametrize("limits, remedy", [("512:8192", "ulimit -n"), ("512:1024", "the hard limit 1024 is below")])
 def test_an_open_file_limit_below_the_paper_store_fails_with_its_remedy(tmp_path, limits, remedy):
     """The store's descriptors are measured on a real store (three shards), under a lowered limit."""
     import numpy as np
     import pandas as pd
+    import soundfile as sf
 
     from ajepa.data.frontend import FrontEnd
     from ajepa.data.store import extract_features
-    import soundfile as sf
     wavs = []
     for i in range(6):
         path = tmp_path / f"c{i}.wav"
@@ -60,6 +61,7 @@ def test_an_open_file_limit_below_the_paper_store_fails_with_its_remedy(tmp_path
     assert r["need"] > 512 and remedy in r["remedy"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the miniature is the CPU path")
 def test_the_miniature_runs_every_check_on_the_cpu(capsys, monkeypatch):
     """Paper-style step with its memory against the machine's, micro_batch auto, the loader against the

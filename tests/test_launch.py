@@ -11,13 +11,12 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import REPO, load_repo_params, make_project_copy, parse_dry_run, pool_features, run, tiny_params
 
 from ajepa.config import parse_params
 from ajepa.errors import ConfigError
 from ajepa.train.checkpoint import load_encoder_state
 from ajepa.train.distributed import launched, local_processes
-from conftest import (REPO, load_repo_params, make_project_copy, parse_dry_run, pool_features, run,
-                      tiny_params)
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -49,6 +48,7 @@ def _clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES} | {"OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU")
 def test_pretrain_launches_its_own_processes_and_matches_one(store_dir, tmp_path):
     """`ajepa pretrain` with distributed.processes = 2 starts two gloo processes by itself; rank 0 alone
@@ -78,6 +78,7 @@ def test_pretrain_launches_its_own_processes_and_matches_one(store_dir, tmp_path
             assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), (which, k)
 
 
+@pytest.mark.slow
 def test_a_failure_in_a_launched_process_is_one_line(store_dir, tmp_path):
     """A global batch that does not split over the processes fails in them; the parent says so in one line."""
     root = _project(tmp_path, store_dir, 3)
@@ -117,6 +118,7 @@ def test_bad_process_count_is_one_line(value, message):
         parse_params(p)
 
 
+@pytest.mark.slow
 def test_multinode_profile_runs_pretraining_under_srun_and_torchrun(tmp_path):
     """The multi-node SLURM profile, rendered by a dry run: one torchrun per node under srun, meeting at a
     c10d rendezvous on the job's first node, around dvc.yaml's own command; and the sbatch line the

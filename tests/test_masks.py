@@ -226,6 +226,7 @@ def test_curriculum_probability():
     assert sum(curriculum_probability(s, S) for s in range(S)) / S == pytest.approx(2 / 3, abs=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,expected", [("curriculum", 2 / 3), ("inverse", 1 / 3), ("block", 0.0), ("tf", 1.0)])
 def test_mode_fractions(mode, expected):
     S = 3000

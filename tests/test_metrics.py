@@ -5,8 +5,14 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
-from ajepa.downstream.metrics import (accuracy, d_prime, mean_auc, mean_average_precision, multilabel_metrics,
-                                      singlelabel_metrics)
+from ajepa.downstream.metrics import (
+    accuracy,
+    d_prime,
+    mean_auc,
+    mean_average_precision,
+    multilabel_metrics,
+    singlelabel_metrics,
+)
 from ajepa.errors import AjepaError
 
 # 6 clips, 4 classes; class 2 has no positive (AP and AUC undefined), class 3 is positive everywhere

@@ -5,8 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ajepa.models import (AJEPA, SIZES, KeyMaskBlock, Predictor, SpectrogramEncoder, random_key_mask,
-                          resolve_size, sincos_pos_embed_2d)
+from ajepa.models import (
+    AJEPA,
+    SIZES,
+    KeyMaskBlock,
+    Predictor,
+    SpectrogramEncoder,
+    random_key_mask,
+    resolve_size,
+    sincos_pos_embed_2d,
+)
 
 GRID, P = (4, 8), 4  # rectangular 4 x 8 grid of 4 x 4 patches: input [B, 16, 32]
 ENC = dict(grid=GRID, patch_size=P, embed_dim=32, depth=2, num_heads=4)

@@ -5,11 +5,13 @@ import argparse
 import shutil
 import subprocess
 import sys
+
+import pytest
 import tomllib
+from conftest import REPO, run
 
 import ajepa
 from ajepa.cli import PIPELINE_MODULES, build_parser, main
-from conftest import REPO, run
 
 # the pipeline's tools: the library and the HEAR module must import without any of them
 BLOCKED = sorted(PIPELINE_MODULES)
@@ -23,6 +25,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
+@pytest.mark.slow
 def test_library_and_hear_module_import_without_the_pipeline_tools():
     code = BLOCKER + """
 import ajepa, ajepa.hear, ajepa.cli, ajepa.downstream.linear, ajepa.data.store, ajepa.datasets.audioset
@@ -37,6 +40,7 @@ except ModuleNotFoundError:
     assert r.stdout.strip() == "blocked"  # the blocker works, so the imports above really went without
 
 
+@pytest.mark.slow
 def test_a_stage_without_the_pipeline_tools_names_the_extra(tmp_path):
     code = BLOCKER + "from ajepa.cli import main; sys.exit(main(['preset', 'smoke', '--dry-run']))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -79,6 +83,7 @@ def test_every_argument_of_every_command_has_help():
     assert len(list(parsers(build_parser()))) > 10
 
 
+@pytest.mark.slow
 def test_make_clean_keeps_the_downloads(tmp_path):
     if shutil.which("make") is None:
         import pytest

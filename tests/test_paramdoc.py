@@ -1,7 +1,8 @@
 """docs/parameters.md is generated from the typed configuration and must be current."""
 
-from ajepa.tools import paramdoc
 from conftest import REPO, load_repo_params
+
+from ajepa.tools import paramdoc
 
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:

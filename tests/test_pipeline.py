@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -15,20 +14,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
-from conftest import make_project_copy, parse_dry_run, run, tiny_params
+from conftest import copy_project, make_project_copy, parse_dry_run, run, tiny_params
 
 
 @pytest.fixture(scope="module")
-def dvc_copy(tmp_path_factory):
-    root = make_project_copy(tmp_path_factory.mktemp("dvc"), tiny_params())
-    # `snakemake --cores 2` runs each training job with OMP_NUM_THREADS=2; the same thread count here, as
-    # float sums depend on it (in the last bits) and the comparison with Snakemake is byte for byte
-    r = run(["dvc", "repro"], root, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    # the baseline commit holds dvc.lock and the metrics, as a user commits a finished run
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "smoke run"], root)
-    return root, r
+def dvc_copy(smoke_run, tmp_path_factory):
+    """The smoke run (`dvc repro`, committed with dvc.lock and the metrics, as a user commits a run)."""
+    root, r = smoke_run
+    return copy_project(root, tmp_path_factory.mktemp("dvc") / "project"), r
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +31,7 @@ def snakemake_copy(tmp_path_factory):
     return root, r
 
 
+@pytest.mark.slow
 def test_dvc_repro_produces_features(dvc_copy):
     root, r = dvc_copy
     manifest = pd.read_csv(root / "data/manifests/synth.csv")
@@ -57,6 +51,7 @@ def _set_params(root: Path, change) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.slow
 def test_each_stage_reruns_only_for_its_own_params(dvc_copy):
     root, _ = dvc_copy
     try:
@@ -79,6 +74,7 @@ def test_each_stage_reruns_only_for_its_own_params(dvc_copy):
         run(["git", "checkout", "params.yaml"], root)
 
 
+@pytest.mark.slow
 def test_dvc_pretrain_outputs(dvc_copy):
     root, r = dvc_copy
     metrics = json.loads((root / "results/pretrain/metrics.json").read_text())
@@ -90,6 +86,7 @@ def test_dvc_pretrain_outputs(dvc_copy):
     assert "final_loss" in shown
 
 
+@pytest.mark.slow
 def test_published_datasets_become_stages_in_both_orchestrators(tmp_path):
     published = ["esc50", "spc2", "spc1", "as20k", "as2m", "vox1"]
     params = tiny_params()
@@ -106,6 +103,7 @@ def test_published_datasets_become_stages_in_both_orchestrators(tmp_path):
     assert "prepare@synth" in stages
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_compares_masking_modes(dvc_copy):
     """`dvc exp run -S` reruns what the changed key feeds, and `dvc exp show` puts both runs side by side."""
     root, _ = dvc_copy
@@ -166,6 +164,7 @@ def _output_files(root: Path) -> set[str]:
             if p.is_file() and p.name != ".snakemake_timestamp"}
 
 
+@pytest.mark.slow
 def test_snakemake_produces_the_same_outputs_as_dvc(dvc_copy, snakemake_copy):
     dvc_root, smk_root = dvc_copy[0], snakemake_copy[0]
     files = _output_files(dvc_root)
@@ -182,6 +181,7 @@ def test_snakemake_produces_the_same_outputs_as_dvc(dvc_copy, snakemake_copy):
     assert "Nothing to be done" in run(["snakemake", "--cores", "2", "--dry-run"], smk_root).stdout
 
 
+@pytest.mark.slow
 def test_slurm_profile_submits_pretraining_to_several_gpus_under_torchrun(snakemake_copy):
     root, _ = snakemake_copy
     out = run(["snakemake", "--profile", "workflow/profiles/slurm", "--dry-run", "--forceall"], root).stdout
@@ -211,12 +211,14 @@ def test_slurm_profile_submits_pretraining_to_several_gpus_under_torchrun(snakem
     assert f"--mem {pretrain['mem_mb']}" in sbatch and f"-t {pretrain['runtime']}" in sbatch
 
 
+@pytest.mark.slow
 def test_snakemake_lint_is_clean(snakemake_copy):
     root, _ = snakemake_copy
     r = run(["snakemake", "--lint"], root)  # exits 1 on any lint
     assert "Congratulations, your workflow is in a good condition!" in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_dvc_commit_adopts_a_snakemake_run(snakemake_copy):
     """What docs/pipeline.md says to run after Snakemake: DVC then sees the pipeline as up to date."""
     root, _ = snakemake_copy
@@ -224,6 +226,7 @@ def test_dvc_commit_adopts_a_snakemake_run(snakemake_copy):
     assert "Data and pipelines are up to date" in run(["dvc", "status"], root).stdout
 
 
+@pytest.mark.slow
 def test_one_benchmark_linear_probe_reruns_alone(dvc_copy):
     """`dvc repro linear@synth` after a probe setting changed: that stage runs, nothing upstream does,
     and its metrics follow the new setting. The workspace is put back as it was."""

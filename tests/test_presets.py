@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 import yaml
+from conftest import REPO, load_repo_params, tiny_params
 
 from ajepa.cli import main
 from ajepa.config import load_params, parse_params
 from ajepa.errors import ConfigError
 from ajepa.tools import paramfile
 from ajepa.tools.presets import load_preset, merge
-from conftest import REPO, load_repo_params, tiny_params
 
 
 @pytest.fixture

@@ -8,17 +8,17 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from conftest import pool_features, tiny_params
 
 from ajepa.config import parse_params
 from ajepa.data.store import FeatureStore
 from ajepa.errors import AjepaError
 from ajepa.export import read_export
 from ajepa.models import AJEPA
+from ajepa.stages.tracking import open_live
 from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
 from ajepa.train.distributed import init_distributed
-from ajepa.stages.tracking import open_live
 from ajepa.train.pretrain import PretrainPaths, pretrain
-from conftest import pool_features, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,7 @@ def _train(cfg, store_dir, out, **kw):
     return r, losses
 
 
+@pytest.mark.slow
 def test_loss_decreases(store_dir, tmp_path):
     cfg = _params().pretrain
     cfg = type(cfg)(**{**cfg.__dict__, "optim": type(cfg.optim)(**{**cfg.optim.__dict__, "epochs": 8, "lr": 2e-3}),
@@ -100,6 +101,7 @@ def test_learning_curve_is_logged_at_probe_steps(store_dir, tmp_path):
     assert list(curve["step"]) == [3, 7, 11] and list(curve["target"]) == [4.0, 8.0, 12.0]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
     cfg = _params().pretrain
     _, straight = _train(cfg, store_dir, tmp_path / "a")
@@ -172,6 +174,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(store_dir, tmp_path, mo
 
 def test_missing_feature_store_is_one_line(tmp_path, capsys, monkeypatch):
     import yaml
+
     from ajepa.cli import main
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
@@ -184,6 +187,7 @@ def test_missing_feature_store_is_one_line(tmp_path, capsys, monkeypatch):
     assert "\n" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
 def test_torchrun_two_processes_match_one(store_dir, tmp_path):
     """Two gloo processes with half the batch each = one process with the whole batch, and so do two

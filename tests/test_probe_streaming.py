@@ -52,6 +52,7 @@ def test_streamed_statistics_and_fit_match_the_in_memory_ones(tmp_path):
     assert streamed == memory  # same optimum: same strength, same rounded scores
 
 
+@pytest.mark.slow
 def test_bench_probe_prints_peak_rss_and_seconds_per_size():
     r = subprocess.run([sys.executable, "-m", "ajepa.cli", "bench", "probe", "--clips", "300", "900", "--width", "64",
                         "--block-mb", "0.05", "--max-iter", "3", "--device", "cpu", "--json"],

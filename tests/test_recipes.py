@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from ajepa.config import load_params
-from ajepa.data.augment import (ClipAugment, add_noise, beta_draws, mix_targets, mixup_draws, power_mix, roll_time,
-                                scale_magnitude)
+from ajepa.data.augment import (
+    ClipAugment,
+    add_noise,
+    beta_draws,
+    mix_targets,
+    mixup_draws,
+    power_mix,
+    roll_time,
+    scale_magnitude,
+)
 from ajepa.downstream import finetune
 from ajepa.downstream.protocols import Task, eval_splits
 from ajepa.errors import AjepaError
@@ -203,10 +211,11 @@ def test_pretraining_clip_augment_is_a_seeded_roll_and_level_shift():
 
 
 def test_pretraining_loader_augments_and_resumes_to_the_same_clips(tmp_path):
+    from conftest import pool_features
+
     from ajepa.data.loader import pretrain_augment, pretrain_loader
     from ajepa.data.store import FeatureStore, StoreUnion
     from ajepa.masks import MaskGenerator
-    from conftest import pool_features
 
     store = FeatureStore(pool_features(tmp_path, tmp_path / "features", seed=3, clips=8, duration_s=0.5),
                          ("pretrain",))
@@ -317,9 +326,10 @@ def test_embedded_default_keeps_every_new_augmentation_off():
 
 
 def test_mixup_must_be_a_probability():
+    from conftest import load_repo_params
+
     from ajepa.config import parse_params
     from ajepa.errors import ConfigError
-    from conftest import load_repo_params
 
     raw = load_repo_params()
     raw["finetune"]["spc2"]["mixup"] = 10.0

@@ -33,10 +33,11 @@ def test_fine_tuning_on_some_folds_is_compared_with_the_probe_on_the_same_folds(
 
 
 def test_learning_curve_table(tmp_path):
+    from conftest import REPO
+
     from ajepa.config import load_params
     from ajepa.plots import learning_curves
     from ajepa.stages.report import render
-    from conftest import REPO
     for encoder, values in (("target", [50.0, 61.5]), ("context", [48.0, 55.25])):
         d = tmp_path / "probe" / "synth"
         d.mkdir(parents=True, exist_ok=True)

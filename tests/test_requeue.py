@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import pool_features, tiny_params
 
 from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
-from conftest import pool_features, tiny_params
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups on CPU")
 
@@ -75,6 +75,7 @@ def straight(store_dir, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_a_resume_on_another_process_count_continues_the_run(store_dir, straight, tmp_path, before, after):
     root = _project(tmp_path, store_dir, before)
@@ -87,6 +88,7 @@ def test_a_resume_on_another_process_count_continues_the_run(store_dir, straight
     _assert_same_weights(straight, root)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_is_set_aside(store_dir, tmp_path):
     root = _project(tmp_path, store_dir, 1)
     _pretrain(root, "--stop-after", "3")
@@ -106,6 +108,7 @@ def _logged_steps(root) -> int:
     return max(0, len(curve.read_text().splitlines()) - 1) if curve.exists() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_to_the_process_group_saves_at_the_end_of_the_step(store_dir, tmp_path, processes):
     """`ajepa pretrain` with two loader workers per process, in its own session; SIGTERM to every process of

@@ -59,6 +59,7 @@ def _jobs(cluster) -> dict[str, list[dict]]:
     return jobs
 
 
+@pytest.mark.slow
 def test_slurm_profile_runs_the_smoke_pipeline_through_sbatch(cluster, tmp_path):
     root = make_project_copy(tmp_path / "copy", tiny_params())
     profile = _profile(tmp_path / "profile")
@@ -102,6 +103,7 @@ def _checkpoint(root):
     return torch.load(root / "models/pretrain_state/checkpoint.pt", map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow
 def test_pretraining_cut_by_the_time_limit_resumes_to_the_uninterrupted_weights(cluster, pooled_copies):
     cut, reference = pooled_copies
     def sbatch(limit_min: int, command: str) -> str:

@@ -1,10 +1,10 @@
 from pathlib import Path
 
 import numpy as np
+from conftest import tree_digest
 
 from ajepa.datasets import synth
 from ajepa.datasets.manifest import esc50_layout, unlabeled_rows
-from conftest import tree_digest
 
 SPEC = synth.GeneratorSpec(seed=7, duration_s=1.0, sample_rate=16000, snr_db=(5.0, 30.0))
 

@@ -12,8 +12,15 @@ import torch.nn as nn
 
 from ajepa.errors import AjepaError
 from ajepa.models import AJEPA, SpectrogramEncoder
-from ajepa.train.checkpoint import (config_hash, export_encoder, load_checkpoint, load_encoder_state, rng_state,
-                                    save_checkpoint, set_rng_state)
+from ajepa.train.checkpoint import (
+    config_hash,
+    export_encoder,
+    load_checkpoint,
+    load_encoder_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ajepa.train.distributed import all_reduce_mean, cleanup, init_distributed
 from ajepa.train.schedules import CosineWeightDecay, LinearMomentum, WarmupCosine, param_groups
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import tree_digest
 
-from ajepa.datasets import words
 from ajepa.data.frontend import FrontEnd
+from ajepa.datasets import words
 from ajepa.datasets.manifest import unlabeled_rows
 from ajepa.datasets.sources import Located
 from ajepa.datasets.speech_commands import build_spc2
-from conftest import tree_digest
 
 SPEC = words.GeneratorSpec(seed=5, duration_s=1.0, sample_rate=16000, snr_db=(20.0, 30.0))
 

@@ -5,7 +5,6 @@ import ast
 import sys
 
 import pytest
-
 from conftest import REPO, load_repo_params, make_project_copy, parse_dry_run, run
 
 sys.path.insert(0, str(REPO / "workflow"))
@@ -35,6 +34,7 @@ def test_folder_and_persistent_dependencies_become_the_outputs_behind_them():
     assert dvcp.is_folder("data/raw/synth") and not dvcp.is_folder("results/report.md")
 
 
+@pytest.mark.slow
 def test_snakemake_runs_every_dvc_stage_with_its_command_and_outputs(tmp_path):
     root = make_project_copy(tmp_path / "copy", load_repo_params())
     out = run(["snakemake", "--dry-run", "--forceall", "--printshellcmds", "--cores", "1", "--nocolor"], root).stdout
@@ -49,6 +49,7 @@ def test_snakemake_runs_every_dvc_stage_with_its_command_and_outputs(tmp_path):
         assert not set(stage["persist"]) & set(job["output"].split(", "))  # resumable state is DVC's only
 
 
+@pytest.mark.slow
 def test_snakemake_refuses_parameters_that_params_yaml_does_not_hold(tmp_path):
     root = make_project_copy(tmp_path / "copy", load_repo_params())
     r = run(["snakemake", "--dry-run", "--cores", "1", "--configfile", "presets/paper.yaml"], root, check=False)

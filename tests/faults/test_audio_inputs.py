@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from data_clips import write_clips
+from exports import make_export
+from train_project import ENV
 
 from ajepa.data.frontend import FrontEnd
 from ajepa.datasets.audioset import index_audio
 from ajepa.hear import load_model
 from ajepa.tools.embed import audio_files, embed_files
-from data_clips import write_clips
-from exports import make_export
-from train_project import ENV
 
 HERE = Path(__file__).resolve().parent
 CHILD_ENV = {**ENV, "PYTHONPATH": os.pathsep.join([ENV["PYTHONPATH"], str(HERE)])}
@@ -50,6 +50,7 @@ def _in_child(code: str, extra_mb: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], env=CHILD_ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_link_loops_in_an_audioset_folder_list_each_file_once(tmp_path):
     audio = tmp_path / "audio"
     (audio / "part1").mkdir(parents=True)
@@ -106,6 +107,7 @@ def test_a_file_deleted_after_the_listing_is_rejected_with_its_reason(tmp_path, 
         FrontEnd().load(files[1])
 
 
+@pytest.mark.slow
 def test_a_name_the_terminal_cannot_encode_is_printed_escaped(tmp_path):
     export = make_export(tmp_path / "export")
     _noise(tmp_path / "café – ünïcode.wav", 1.0)
@@ -127,6 +129,7 @@ def test_a_clip_shorter_than_the_read_limit_is_read_exactly_as_before(tmp_path):
     assert torch.equal(kept, frontend.load(long)[:, :kept.shape[1]])
 
 
+@pytest.mark.slow
 def test_features_of_a_20_minute_pool_clip_stay_within_the_crop(tmp_path):
     """One clip of 20 minutes among short ones, where 0.96 s is kept: the fbank of the whole file alone
     needs about a gigabyte; a worker now reads 12 s of it."""
@@ -146,6 +149,7 @@ def test_features_of_a_20_minute_pool_clip_stay_within_the_crop(tmp_path):
     assert r.stdout.strip() == "4"
 
 
+@pytest.mark.slow
 def test_embed_of_a_20_minute_file_streams_in_bounded_memory(tmp_path):
     export = make_export(tmp_path / "export")
     long = _noise(tmp_path / "long.wav", 20 * 60, rate=48000, channels=2)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from data_clips import write_clips
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +53,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), str(HERE), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="no unprivileged user namespaces to mount a small tmpfs")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_features_on_a_full_disk_fail_in_one_line(tmp_path, workers):
@@ -74,6 +74,7 @@ def test_features_on_a_full_disk_fail_in_one_line(tmp_path, workers):
     assert str(disk / "features") in line
 
 
+@pytest.mark.slow
 def test_a_killed_feature_worker_fails_the_run_instead_of_hanging(tmp_path):
     manifest = write_clips(tmp_path / "audio", 7)
     for name in ("stuck", "stuck2"):  # one in each shard of 8: each worker's task blocks
@@ -139,6 +140,7 @@ CHECKPOINT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_checkpoint_save_past_the_space_left_is_one_line_and_keeps_the_old_one(tmp_path):
     import torch
 
@@ -166,6 +168,7 @@ DOWNLOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_download_past_the_space_left_stops_at_once_and_keeps_the_part(tmp_path):
     from loopback import Loopback
 

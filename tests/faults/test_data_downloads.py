@@ -6,13 +6,13 @@ import tarfile
 import zipfile
 
 import pytest
+from loopback import Loopback
 
 from ajepa.datasets.archive import extract
 from ajepa.datasets.download import download
 from ajepa.datasets.registry import REGISTRY
 from ajepa.datasets.sources import obtain
 from ajepa.errors import AjepaError
-from loopback import Loopback
 
 FAST = dict(backoff_s=0.01, timeout_s=5, show_progress=False)
 NAME = "ESC-50-master.zip"  # published with neither size nor checksum: only the transfer can tell

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_project import ENV, cwd, smoke_params, start, wait_for, write_params
 
 from ajepa.cli import main
-from train_project import ENV, cwd, smoke_params, start, wait_for, write_params
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def _store(root: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted((root / "data/features/synth").iterdir())}
 
 
+@pytest.mark.slow
 def test_a_killed_features_run_resumes_by_shard_to_the_same_store(prepared, tmp_path):
     straight = _copy(prepared, tmp_path / "straight")
     assert _ajepa(straight, "features", "synth").returncode == 0
@@ -81,6 +82,7 @@ def _file_size_cap():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20))
 
 
+@pytest.mark.slow
 def test_a_typo_in_target_length_is_refused_before_any_allocation(prepared, tmp_path):
     root = _copy(prepared, tmp_path / "p")
     p = yaml.safe_load((root / "params.yaml").read_text())
@@ -123,6 +125,7 @@ def _remove_group(group: Path) -> None:
             time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, cap, ok", [(40, 8, True), (4, 4, False)])
 def test_worker_pools_are_sized_to_the_work_and_a_failed_spawn_is_one_line(prepared, tmp_path, workers, cap, ok):
     """With a cap on tasks (a cgroup's pids.max, as a cluster job may have; RLIMIT_NPROC does not

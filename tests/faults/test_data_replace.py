@@ -86,6 +86,7 @@ def _kill_at(tmp_path: Path, target: Path, where: str) -> None:
     child.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["while writing", "after first rename", "inside the delete"])
 def test_kill_during_replace_leaves_old_or_new_and_the_next_start_tidies(tmp_path, where):
     target = tmp_path / "data" / "raw" / "synth"
@@ -107,6 +108,7 @@ def test_kill_during_replace_leaves_old_or_new_and_the_next_start_tidies(tmp_pat
     assert sorted(p.name for p in target.parent.iterdir()) == ["synth"]  # no .tmp, no .old-* left
 
 
+@pytest.mark.slow
 def test_a_file_output_killed_while_written_leaves_no_orphan(tmp_path):
     target = tmp_path / "manifest.csv"
     target.write_text("old\n")

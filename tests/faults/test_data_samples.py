@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from data_clips import FRONTEND, RATE, TARGET_LENGTH, write_clips
 
 from ajepa.data.store import extract_features
-from data_clips import FRONTEND, RATE, TARGET_LENGTH, write_clips
 
 
 @pytest.mark.parametrize("peak", [1e30, 1e4])  # the documented bound is 1e3

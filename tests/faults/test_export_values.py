@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import load_file, save_file
+from exports import make_export
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import ajepa
 import ajepa.hear as hear
 from ajepa.cli import main
 from ajepa.downstream.common import build_encoder
 from ajepa.errors import AjepaError
-from exports import make_export
 
 
 def _damage_weights(folder, change) -> None:

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+from train_project import ENV, cwd, smoke_params, write_params
 
 from ajepa.cli import main
-from train_project import ENV, cwd, smoke_params, write_params
 
 LIMIT = 256
 
@@ -43,10 +43,12 @@ def project(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_the_store_has_more_shards_than_the_limit_allows_open(project):
     assert len(list((project / "data/features/synth").glob("shard-*.npy"))) > 4 * LIMIT
 
 
+@pytest.mark.slow
 def test_pretraining_finetuning_the_probe_and_embed_pass_under_256_descriptors(project, tmp_path):
     for args in (["pretrain"], ["finetune", "synth"], ["linear", "synth"]):
         r = ajepa_limited(project, *args)

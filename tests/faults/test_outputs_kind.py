@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
+from exports import make_export
+from train_project import ENV
 
 from ajepa.atomic import atomic_path
 from ajepa.cli import main
 from ajepa.errors import AjepaError
-from exports import make_export
-from train_project import ENV
 
 
 @pytest.fixture
@@ -89,6 +89,7 @@ STOP_IN_DELETE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_old_tree_is_deleted_finishes_the_delete_and_says_the_new_one_is_in_place(tmp_path):
     target = tmp_path / "store"
     (target / "pool").mkdir(parents=True)
@@ -129,6 +130,7 @@ LOCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="no unprivileged user namespaces to mount a read-only tmpfs")
 @pytest.mark.parametrize("state", ["models/pretrain_state", "data/embeddings/synth"])
 def test_a_read_only_state_folder_is_one_line_that_does_not_ask_for_space(tmp_path, state):

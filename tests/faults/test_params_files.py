@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, tiny_params
+from train_project import ENV
 
 from ajepa.config import load_params, parse_params
 from ajepa.errors import ConfigError
-from conftest import REPO, tiny_params
-from train_project import ENV
 
 # nine levels of nine aliases: 600 bytes standing for 9^9 (387 M) strings
 BOMB = "lol:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -41,6 +41,7 @@ def _one_line(r: subprocess.CompletedProcess) -> str:
     return line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["params.yaml", "preset"])
 def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, where):
     params = tmp_path / "params.yaml"
@@ -56,6 +57,7 @@ def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, where):
     assert f"line {bomb_line}" in line, line
 
 
+@pytest.mark.slow
 def test_a_duplicate_key_is_an_error_naming_it(tmp_path):
     text = (REPO / "params.yaml").read_text()
     assert "\n  num_mel_bins: 128\n" in text
@@ -112,6 +114,7 @@ def test_a_stage_with_params_of_another_folder_creates_nothing_here(tmp_path, mo
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_snakemake_unlock_needs_no_cores(tmp_path):
     from conftest import make_project_copy, run
     root = make_project_copy(tmp_path / "p", tiny_params())

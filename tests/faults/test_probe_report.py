@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import load_repo_params
 
 from ajepa.downstream.linear import fit_probe
 from ajepa.downstream.protocols import Task, eval_splits
 from ajepa.downstream.rowfile import RowFile, write_rows
 from ajepa.errors import AjepaError
-from conftest import load_repo_params
 
 PRETRAIN = {"steps": 4, "seconds": 1.0, "final_loss": 0.5, "samples_per_s": 10.0, "device": "cpu", "world_size": 1}
 
@@ -53,6 +53,7 @@ def _strict(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_report_marks_cut_keyless_failed_missing_and_nan_results_and_is_still_written(tmp_path):
     cut = json.dumps(_results("synth", "linear"))[:40]
     failed = json.dumps({"benchmark": "words", "stage": "linear", "failed": "CUDA out of memory"})
@@ -74,6 +75,7 @@ def test_report_marks_cut_keyless_failed_missing_and_nan_results_and_is_still_wr
     assert report.count("| PROBLEM |") == 4 and "linear failed: CUDA out of memory" in r.stdout
 
 
+@pytest.mark.slow
 def test_report_of_a_benchmark_whose_stages_never_ran_still_written(tmp_path):
     _project(tmp_path, {"results/linear/words/metrics.json": None, "results/finetune/words/metrics.json": None})
     r = _report(tmp_path)
@@ -83,6 +85,7 @@ def test_report_of_a_benchmark_whose_stages_never_ran_still_written(tmp_path):
     assert all("not found" in p and "failed or has not run" in p for p in summary["words"]["problems"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["{\"steps\": 4, \"secon", "{\"steps\": 4}", "[1, 2]"])
 def test_report_over_a_damaged_pretraining_metrics_file_is_one_line(tmp_path, text):
     _project(tmp_path, {"results/pretrain/metrics.json": text})
@@ -92,6 +95,7 @@ def test_report_over_a_damaged_pretraining_metrics_file_is_one_line(tmp_path, te
     assert "results/pretrain/metrics.json: " in line and ("unreadable" in line or "'final_loss'" in line)
 
 
+@pytest.mark.slow
 def test_attentive_heads_that_do_not_divide_the_width_is_one_line_before_any_work(tiny_export, tmp_path):
     """The smoke encoder is 32 wide; 3 heads cannot split it. The stage stops before embedding anything,
     and its metrics file records the failure for the report."""

@@ -9,13 +9,13 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
+from train_project import ENV
 
 import ajepa.hear as hear
 from ajepa.downstream.common import build_encoder
 from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder
 from ajepa.train.checkpoint import ENCODER_FORMAT, export_encoder
-from train_project import ENV
 
 TINY = {"grid": [4, 8], "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 4.0}
 
@@ -63,6 +63,7 @@ def test_weights_of_the_wrong_shape_name_the_key(tmp_path):
     assert message == f"{path}: 'blocks.0.attn.qkv.weight' is [96, 33], the model expects [96, 32]"
 
 
+@pytest.mark.slow
 def test_a_small_file_claiming_a_huge_encoder_fails_before_allocating_it(tmp_path):
     """A 50 KB export whose config claims 8 blocks of width 2048 (1.6 GB of weights): refused from the
     tensors' shapes, in a process that cannot allocate 512 MB more than it holds after its imports."""

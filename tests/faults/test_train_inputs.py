@@ -8,13 +8,13 @@ import zipfile
 import pytest
 import torch
 import yaml
+from train_project import cwd, make_template, project, smoke_params, write_params
 
 from ajepa.cli import main
 from ajepa.config import load_params
 from ajepa.errors import ConfigError
 from ajepa.lock import state_lock
 from ajepa.train.checkpoint import load_checkpoint, save_checkpoint
-from train_project import cwd, make_template, project, smoke_params, write_params
 
 CHECKPOINT = "models/pretrain_state/checkpoint.pt"
 
@@ -56,6 +56,7 @@ def test_non_finite_floats_are_refused_naming_the_key(key, value, tmp_path):
     assert f"{key} = " in str(e.value) and "must be a finite number" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", ["-5", "0", "two"])
 def test_stop_after_must_be_at_least_one(steps, template, tmp_path, capsys):
     root = project(template, tmp_path / "p")
@@ -66,6 +67,7 @@ def test_stop_after_must_be_at_least_one(steps, template, tmp_path, capsys):
     assert not (root / "models").exists() and not (root / "results").exists()
 
 
+@pytest.mark.slow
 def test_nan_weights_stop_with_the_last_finite_checkpoint_kept(template, tmp_path, capsys):
     """lr 1e6: the third step's loss is still finite (about 3e22) but its update leaves NaN weights;
     checking the loss alone saved them as the checkpoint, and every rerun resumed from NaN."""
@@ -86,6 +88,7 @@ def test_nan_weights_stop_with_the_last_finite_checkpoint_kept(template, tmp_pat
     assert (root / "models/pretrain/target/model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_finetune_stops_on_nan_weights(template, tmp_path, capsys):
     root = project(template, tmp_path / "p")
     assert _run(root, capsys, "pretrain")[0] == 0
@@ -126,6 +129,7 @@ def test_checkpoint_with_a_wrong_shape_names_file_and_key(stopped, capsys):
                                                     "[3, 3], the model expects [96, 32]")
 
 
+@pytest.mark.slow
 def test_checkpoint_with_a_wrong_optimizer_moment_or_part_missing(stopped, capsys):
     original = (stopped / CHECKPOINT).read_bytes()
 

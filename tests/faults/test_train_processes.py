@@ -6,10 +6,10 @@ import os
 import signal
 
 import pytest
+from train_project import ajepa, cwd, last_line, logged_steps, make_template, project, start, wait_for
 
 from ajepa.cli import main
 from ajepa.train.checkpoint import load_checkpoint
-from train_project import ajepa, cwd, last_line, logged_steps, make_template, project, start, wait_for
 
 EPOCHS = 60  # 180 steps: a run long enough to be caught in the middle, even on a busy machine
 ENCODERS = ("models/pretrain/context/model.safetensors", "models/pretrain/target/model.safetensors")
@@ -29,6 +29,7 @@ def straight(template, tmp_path_factory):
     return {name: (root / name).read_bytes() for name in ENCODERS}
 
 
+@pytest.mark.slow
 def test_second_run_refuses_and_kill_9_resumes_to_the_same_bytes(template, straight, tmp_path, capsys):
     root = project(template, tmp_path / "p", optim={"epochs": EPOCHS})
     state = root / "models/pretrain_state"
@@ -54,6 +55,7 @@ def test_second_run_refuses_and_kill_9_resumes_to_the_same_bytes(template, strai
     assert {name: (root / name).read_bytes() for name in ENCODERS} == straight
 
 
+@pytest.mark.slow
 def test_sigterm_saves_where_it_stopped_and_the_rerun_is_the_same_run(template, straight, tmp_path):
     # no periodic checkpoint before the end: the only one mid-run is the one SIGTERM makes
     root = project(template, tmp_path / "p", optim={"epochs": EPOCHS}, checkpoint_every=10_000)
@@ -78,6 +80,7 @@ def test_sigterm_saves_where_it_stopped_and_the_rerun_is_the_same_run(template, 
     assert {name: (root / name).read_bytes() for name in ENCODERS} == straight
 
 
+@pytest.mark.slow
 def test_sigterm_outside_the_training_loop_stops_with_one_line(template, tmp_path):
     """A stage with no step boundary to wait for (here `features`) stops at once, removing its temporaries."""
     root = project(template, tmp_path / "p")
