@@ -18,6 +18,7 @@ from ajepa.downstream.protocols import load_task
 from ajepa.errors import ConfigError
 from ajepa.models import SpectrogramEncoder
 from ajepa.train import engine
+from ajepa.train.compute import without_compute_keys
 from conftest import REPO, load_repo_params
 
 CLASSES = ["low", "mid", "high", "top"]
@@ -101,6 +102,22 @@ def test_workers_and_a_kill_with_workers_leave_the_fine_tuned_model_unchanged(ta
     resumed = _run(task, _recipe(num_workers=1, prefetch=3), "resumed", tmp_path)
     assert len(resumed.history) == 3 and resumed.history == straight.history
     assert resumed.test == straight.test and resumed.test_scores == straight.test_scores
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA")
+def test_batches_for_a_gpu_come_pinned_with_workers_and_without(task):
+    for workers in (0, 2):
+        cfg = _recipe(num_workers=workers, epochs=1)
+        batches = finetune.StepBatches(task, task.splits[0], cfg, finetune.steps_per_epoch(cfg, task.splits[0]))
+        for b in finetune.batch_stream(batches, 0, torch.device("cuda")):
+            assert b.x.is_pinned() and b.y.is_pinned() and b.x2.is_pinned(), workers
+
+
+def test_worker_count_and_prefetch_are_no_part_of_a_fine_tuning_runs_identity():
+    # the stage hashes the recipe without its compute keys: a run resumed with other loader settings goes on
+    same = without_compute_keys(dataclasses.asdict(_recipe(num_workers=0, prefetch=2)))
+    assert same == without_compute_keys(dataclasses.asdict(_recipe(num_workers=6, prefetch=4)))
+    assert same != without_compute_keys(dataclasses.asdict(_recipe(num_workers=0, seed=1)))
 
 
 @pytest.mark.parametrize("key, value, why", [("num_workers", -1, "must be >= 0"), ("prefetch", 0, "must be positive")])
