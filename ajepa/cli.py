@@ -140,14 +140,18 @@ def _machine_parsers(sub, bench) -> None:
     s.add_argument("--cpu", action="store_true",
                    help="run a miniature of the checks on the CPU (as AJEPA_GPU_CHECK_CPU=1); without it, no usable "
                         "GPU stops the check in one line")
-    b = bench.add_parser("loader", help="pretraining data loader: clips/s per worker, workers to feed 8 H100s")
+    b = bench.add_parser("loader", help="pretraining and fine-tuning data loaders: clips/s per worker, workers to "
+                                        "feed 8 H100s")
     b.add_argument("--store", default=None, metavar="DIR",
                    help="a feature store to read (default: a temporary one of --clips generated clips)")
     b.add_argument("--clips", type=int, default=1024, help="clips in the temporary store (default 1024)")
     b.add_argument("--frames", type=int, default=1024, help="frames per clip in the temporary store (default 1024)")
     b.add_argument("--batch", type=int, default=128, help="clips per batch (default 128)")
     b.add_argument("--steps", type=int, default=8, help="timed batches per worker count (default 8)")
-    b.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2; 0: "
+                                                                          "in the process that trains)")
+    b.add_argument("--benchmark", default=None,
+                   help="whose fine-tuning recipe (sampling, mixup) to time (default: the first of pipeline.benchmarks)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

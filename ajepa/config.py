@@ -376,11 +376,13 @@ class FinetuneConfig:
     seed: int  # head init, batch order, augmentation and the random-init baseline's weights
     micro_batch: Literal["auto"] | int | None  # clips per forward/backward (gradient accumulation); null = batch_size; auto = the most that fit (CUDA)
     activation_checkpointing: bool  # recompute block activations in the backward pass: less memory, ~1/3 more compute
+    num_workers: int  # data-loader processes that build the batches ahead; 0 = in the training process
+    prefetch: int  # batches each worker builds ahead (torch's prefetch_factor); unused at num_workers 0
     def check(self, key: str) -> None:
-        _positive(self, key, "epochs", "batch_size", "lr")
+        _positive(self, key, "epochs", "batch_size", "lr", "prefetch")
         _check_micro_batch(self.micro_batch, key)
         for name in ("final_lr", "warmup_epochs", "weight_decay", "specaug_time", "specaug_freq", "mixup",
-                     "samples_per_epoch", "runs"):
+                     "samples_per_epoch", "runs", "num_workers"):
             if getattr(self, name) < 0:
                 _bad(f"{key}.{name}", getattr(self, name), "must be >= 0")
         if not 0.0 < self.layer_decay <= 1.0:

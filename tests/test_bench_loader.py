@@ -1,4 +1,5 @@
-"""`ajepa bench loader`: clips/s of the pretraining loader per worker, and the workers 8 H100s need."""
+"""`ajepa bench loader`: clips/s of the pretraining loader per worker, and the workers 8 H100s need;
+beside them, clips/s of fine-tuning's batches per worker."""
 
 import json
 import math
@@ -32,3 +33,18 @@ def test_bench_loader_text_names_the_workers_needed(capsys):
                  "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "1 worker(s):" in out and "loader workers on the node" in out and "8 H100s" in out
+    assert "fine-tuning batches of 8 (synth's recipe" in out and out.count("1 worker(s):") == 2
+
+
+def test_bench_loader_times_fine_tuning_batches_per_worker_count(capsys):
+    assert main(["bench", "loader", "--clips", "24", "--frames", "96", "--batch", "8", "--steps", "2",
+                 "--workers", "0", "2", "--benchmark", "words", "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["finetune"]
+    assert t["benchmark"] == "words" and t["batch"] == 8 and t["mixup"] == 0.0
+    assert set(t["clips_per_s"]) == set(t["clips_per_s_per_worker"]) == {"0", "2"}
+    assert all(v > 0 for v in t["clips_per_s"].values())
+    assert t["clips_per_s_per_worker"]["0"] == t["clips_per_s"]["0"]  # in the training process: one reader
+    assert abs(t["clips_per_s_per_worker"]["2"] - t["clips_per_s"]["2"] / 2) <= 0.1
+    assert main(["bench", "loader", "--clips", "16", "--frames", "96", "--batch", "8", "--steps", "1",
+                 "--workers", "1", "--benchmark", "nonesuch"]) == 2  # one line, not a traceback
+    assert "unknown benchmark 'nonesuch'" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from ajepa.masks import MaskGenerator, Masks
 from ajepa.seeding import numpy_rng
 
 __all__ = ["SpectrogramDataset", "StepBatchSampler", "MaskCollator", "PretrainBatch", "pretrain_loader",
-           "pretrain_augment", "ignore_stop_signals"]
+           "pretrain_augment", "ignore_stop_signals", "step_loader"]
 
 
 class SpectrogramDataset(Dataset):
@@ -220,6 +220,23 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _loader_options(num_workers: int, seed: int, pin_memory: bool | None = None,
+                   prefetch: int | None = None) -> dict:
+    """The DataLoader keywords every training loader shares: `num_workers` processes (0: batches built
+    in the training process) that ignore stop signals, each `prefetch` batches ahead (torch's default,
+    2, when None), pinned memory (default: whether CUDA is available) and a generator of its own."""
+    return dict(
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        prefetch_factor=prefetch if num_workers > 0 else None,  # DataLoader refuses one without workers
+        # Its own generator: otherwise every iter(loader) draws a base seed from the global torch RNG,
+        # shifting the dropout/drop-path stream by one draw at each resume (and with any loader at all).
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGenerator, seed: int,
                     start_step: int = 0, total_steps: int | None = None, num_workers: int = 0,
                     rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
@@ -234,11 +251,15 @@ def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGe
         _StepItems(SpectrogramDataset(store), augment),
         batch_sampler=_StepKeys(sampler),
         collate_fn=MaskCollator(mask_generator, rank, world_size),
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=ignore_stop_signals,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        # Its own generator: otherwise every iter(loader) draws a base seed from the global torch RNG,
-        # shifting the dropout/drop-path stream by one draw at each resume.
-        generator=torch.Generator().manual_seed(seed),
+        **_loader_options(num_workers, seed, pin_memory),
     )
+
+
+def step_loader(batches: Dataset, steps: range, seed: int, num_workers: int = 0, prefetch: int | None = None,
+                pin_memory: bool | None = None) -> DataLoader:
+    """DataLoader of ``batches[step]`` for each of `steps`, in order, for a Dataset whose item is a whole
+    batch and a pure function of its step (fine-tuning's StepBatches). Each worker builds whole batches,
+    the steps dealt round-robin, and the DataLoader hands them back in step order, so the batches are
+    the same for any `num_workers` and a resumed run passes the steps from its checkpoint's on."""
+    return DataLoader(batches, batch_size=None, sampler=steps,
+                      **_loader_options(num_workers, seed, pin_memory, prefetch))

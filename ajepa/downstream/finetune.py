@@ -16,19 +16,22 @@ score and scores the test clips once with that epoch's weights. Per step, in thi
 Layer-wise lr decay (BEiT/AudioMAE): block l of L trains at lr * decay^(L + 1 - l), the patch
 embedding at decay^(L + 1), the norms and the head at the full lr. Warmup then cosine per step.
 
-What is fine-tuning's own: the model (Classifier), the batch (StepBatches, then `augment`) and the
-loss; the engine (ajepa.train.engine) runs the rest, as it does for pretraining. Every random draw
-comes from a stream named by (seed, epoch) or (seed, step) (ajepa.seeding), and a checkpoint after
-every epoch holds the whole state, so an interrupted run resumes to the same result.
+What is fine-tuning's own: the model (Classifier), the batch (StepBatches, built ahead by loader
+workers: batch_stream; then `augment`) and the loss; the engine (ajepa.train.engine) runs the rest, as
+it does for pretraining. Every random draw comes from a stream named by (seed, epoch) or (seed, step)
+(ajepa.seeding), and a checkpoint after every epoch holds the whole state, so an interrupted run
+resumes to the same result, with any number of loader workers.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from itertools import islice
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +42,7 @@ from torch.utils.data import Dataset
 
 from ajepa.config import FinetuneConfig
 from ajepa.data.augment import add_noise, mix_targets, mixup_draws, power_mix, roll_time, scale_magnitude
+from ajepa.data.loader import step_loader
 from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder
@@ -49,7 +53,7 @@ from ajepa.train.engine import Engine, single_process
 from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
 __all__ = ["Classifier", "augment", "spec_augment", "mixup_partners", "epoch_order", "StepBatches", "FinetuneBatch",
-           "build", "train_step", "finetune_run", "RunResult", "PROBE_L2"]
+           "batch_stream", "build", "train_step", "finetune_run", "RunResult", "PROBE_L2"]
 
 PROBE_L2 = [0.1, 0.01, 0.001, 0.0001]  # LP-FT's probe: the strengths the linear probe tries by default
 
@@ -252,6 +256,16 @@ class StepBatches(Dataset):
         return FinetuneBatch(self.task.clips(idx), _one_hot(self.task.y[idx], classes), x2, y2, step)
 
 
+def batch_stream(batches: StepBatches, first_epoch: int, device: torch.device) -> Iterator[FinetuneBatch]:
+    """The batches of every step from epoch `first_epoch` (0-based) on, in step order, built ahead by
+    cfg.num_workers loader processes (started at the first batch, so a finished run starts none), each
+    cfg.prefetch batches ahead, through validation too; pinned for a CUDA `device`. The same batches
+    for any worker count: each is `batches[step]`."""
+    cfg, first = batches.cfg, first_epoch * batches.steps_per_epoch
+    yield from step_loader(batches, range(first, len(batches)), cfg.seed, cfg.num_workers, cfg.prefetch,
+                           pin_memory=device.type == "cuda")
+
+
 @dataclass
 class FinetuneProgress:
     """A fine-tuning run's counters, kept in its checkpoint beside the engine's parts."""
@@ -303,16 +317,14 @@ def _probe_loss(model: Classifier, task: Task, split: EvalSplit, cfg: FinetuneCo
     return loss
 
 
-def train_epoch(engine: Engine, batches: StepBatches, epoch: int, cfg: FinetuneConfig, bar) -> float:
-    """One epoch of steps (0-based `epoch`; augmentation on the model's device from the stream (seed,
-    step)); returns the mean training loss."""
+def train_epoch(engine: Engine, batches: Iterable[FinetuneBatch], cfg: FinetuneConfig, stats: dict, bar) -> float:
+    """One epoch's steps over `batches` (augmentation on the model's device from the stream (seed, step),
+    normalised by the store's `stats`); returns the mean training loss."""
     engine.model.train()
-    stats = batches.task.store.stats
     mean, std, device = float(stats["mean"]), float(stats["std"]), engine.dist.device
     losses = []
-    for step in range(epoch * batches.steps_per_epoch, (epoch + 1) * batches.steps_per_epoch):
-        batch = batches[step]
-        g = torch_generator(cfg.seed, "finetune-step", step)
+    for batch in batches:
+        g = torch_generator(cfg.seed, "finetune-step", batch.step)
         # augmented where the model runs: on a GPU, the CPU would otherwise hold back a large batch
         x, y = augment(batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True), cfg, mean, std,
                        g, partners=lambda n: (batch.x2[:n], batch.y2[:n]))
@@ -355,7 +367,7 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
                    enabled=enable_progress)
 
     def epoch(number: int) -> int:
-        train_loss = train_epoch(engine, batches, number - 1, cfg, bar)
+        train_loss = train_epoch(engine, islice(stream, batches.steps_per_epoch), cfg, task.store.stats, bar)
         lr = engine.parts["lr"]
         lr_now = lr.value(lr.current_step - 1)  # the last step's
         val = task.selection_score(task.y[split.val], predict(engine.model, task, split.val, cfg.batch_size * 2,
@@ -370,8 +382,9 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
         bar.set_postfix(val=f"{val:.1f}")
         return number
 
-    engine.loop(((e, e) for e in range(run.epoch + 1, cfg.epochs + 1)), epoch, run.counters, cfg.epochs, 1,
-                "epoch", "lower the benchmark's finetune lr")
+    with closing(batch_stream(batches, run.epoch, device)) as stream:  # closed: its workers end with the loop
+        engine.loop(((e, e) for e in range(run.epoch + 1, cfg.epochs + 1)), epoch, run.counters, cfg.epochs, 1,
+                    "epoch", "lower the benchmark's finetune lr")
     engine.finish(run.counters(), 0, "epoch", run.epoch)
     bar.close()
     engine.model.load_state_dict(run.best_state)

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import soundfile as sf
 import torch
@@ -313,44 +314,80 @@ def _loader_store(root: Path, clips: int, frames: int) -> Path:
 
 
 def _time_loader(store, batch: int, gen, workers: int, steps: int, warmup: int = 2) -> float:
-    """Clips per second the pretraining loader (clips + the collate's masks) yields with `workers` processes,
-    timed after `warmup` batches (the workers' start-up is not a steady-state cost)."""
+    """Clips per second the pretraining loader (clips + the collate's masks) yields with `workers` processes."""
     from ajepa.data.loader import pretrain_loader
 
     loader = pretrain_loader(store, batch, gen, seed=0, total_steps=warmup + steps, num_workers=workers,
                              pin_memory=False)
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    t0 = time.perf_counter()
-    n = sum(len(b.x) for b in it)
-    return n / (time.perf_counter() - t0)
+    return _time_batches((b for b in loader), steps, warmup)
+
+
+def _time_batches(batches, steps: int, warmup: int = 2) -> float:
+    """Clips per second in `steps` batches (their `x`) drawn after `warmup` (the workers' start-up is not a
+    steady-state cost); the iterator is closed after, so its workers end."""
+    try:
+        for _ in range(warmup):
+            next(batches)
+        t0 = time.perf_counter()
+        n = sum(len(next(batches).x) for _ in range(steps))
+        return n / (time.perf_counter() - t0)
+    finally:
+        batches.close()
 
 
 def bench_loader(params, store: str | None = None, clips: int = 1024, frames: int = 1024, batch: int = 128,
-                 steps: int = 8, workers: tuple[int, ...] = (1, 2)) -> dict:
+                 steps: int = 8, workers: tuple[int, ...] = (1, 2), benchmark: str | None = None) -> dict:
     """Clips/s per loader worker reading `batch`-clip batches with pretraining masks from a feature store
     (the given one, else a temporary one of `clips` clips of `frames` x 128), and the workers a node needs
-    to feed 8 H100s at the compute plan's rate. Reads come from the page cache (the store was just
-    written or read): a cold disk can only be slower."""
+    to feed 8 H100s at the compute plan's rate; beside them, fine-tuning's batches from the same store
+    (`bench_finetune_loader`). Reads come from the page cache (the store was just written or read): a
+    cold disk can only be slower."""
     from ajepa.data.store import FeatureStore
     from ajepa.train.pretrain import build_mask_generator
 
+    benchmark = benchmark or params.pipeline.benchmarks[0]
+    params.recipe(benchmark)  # an unknown benchmark fails before any store is built
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="ajepa-bench-") as tmp:
         fs = FeatureStore(store or _loader_store(Path(tmp), clips, frames))
         grid = tuple(fs.stats["grid"])
         gen = build_mask_generator(params.pretrain, grid, total_steps=steps + 2)
         rates = {w: _time_loader(fs, min(batch, len(fs)), gen, w, steps) for w in workers}
-    per_worker = min(r / w for w, r in rates.items())  # the conservative figure: scaling is rarely perfect
+        tuning = bench_finetune_loader(params, fs, benchmark, min(batch, len(fs)), steps, workers)
+    per_worker = min(r / max(w, 1) for w, r in rates.items())  # the conservative figure: scaling is rarely perfect
     need = plan_clips_per_s_per_gpu() * PLAN_GPUS
     return {"store": store or "temporary", "clips": len(fs), "clip_shape": list(fs.shape), "grid": list(grid),
             "batch": min(batch, len(fs)), "masking_mode": params.pretrain.masking.mode, "steps": steps,
             "clips_per_s": {str(w): round(r, 1) for w, r in rates.items()},
-            "clips_per_s_per_worker": {str(w): round(r / w, 1) for w, r in rates.items()},
+            "clips_per_s_per_worker": {str(w): round(r / max(w, 1), 1) for w, r in rates.items()},
             "plan_clips_per_s_per_gpu": round(need / PLAN_GPUS, 1), "plan_gpus": PLAN_GPUS,
             "plan_clips_per_s": round(need, 1), "workers_needed": math.ceil(need / per_worker),
-            "plan_source": "docs/compute.md: 633 GFLOP per clip at 35% MFU of an H100's 989 TFLOP/s bf16"}
+            "plan_source": "docs/compute.md: 633 GFLOP per clip at 35% MFU of an H100's 989 TFLOP/s bf16",
+            "finetune": tuning}
+
+
+def bench_finetune_loader(params, store, benchmark: str, batch: int, steps: int, workers: tuple[int, ...]) -> dict:
+    """Training clips/s of fine-tuning's batches (`benchmark`'s recipe: its sampling, and its mixup partners,
+    read as well) from `store` clip by clip, as a benchmark too large to hold in memory is read, per loader
+    worker count."""
+    from ajepa.downstream.finetune import StepBatches, batch_stream
+    from ajepa.downstream.protocols import EvalSplit, Task
+
+    clips = np.arange(len(store))
+    split = EvalSplit("bench", clips, clips[:0], clips[:0])  # every clip a training clip of one class
+    task = Task(benchmark, "splits", ["clip"], torch.empty(0), torch.zeros(len(store), dtype=torch.long), store.index,
+                [split], store)
+    per_epoch = len(store) // batch
+    cfg = dataclasses.replace(params.recipe(benchmark), batch_size=batch, samples_per_epoch=0,
+                              epochs=math.ceil((steps + 2) / per_epoch))
+    rates = {}
+    for w in workers:
+        stream = batch_stream(StepBatches(task, split, dataclasses.replace(cfg, num_workers=w), per_epoch), 0,
+                              torch.device("cpu"))
+        rates[w] = _time_batches(stream, steps)
+    return {"benchmark": benchmark, "batch": batch, "mixup": cfg.mixup, "balanced_sampling": cfg.balanced_sampling,
+            "prefetch": cfg.prefetch, "clips_per_s": {str(w): round(r, 1) for w, r in rates.items()},
+            "clips_per_s_per_worker": {str(w): round(r / max(w, 1), 1) for w, r in rates.items()}}
 
 
 def _format_loader(r: dict) -> str:
@@ -361,6 +398,11 @@ def _format_loader(r: dict) -> str:
     lines.append(f"  to feed {r['plan_gpus']} H100s at the compute plan's {r['plan_clips_per_s_per_gpu']:.0f} clips/s "
                  f"each ({r['plan_clips_per_s']:.0f} clips/s): {r['workers_needed']} loader workers on the node "
                  f"({r['plan_source']}; page-cache reads)")
+    t = r["finetune"]
+    lines.append(f"  fine-tuning batches of {t['batch']} ({t['benchmark']}'s recipe: mixup {t['mixup']:g}, each "
+                 f"mixed clip's partner read too), clip by clip from the store:")
+    for w, rate in t["clips_per_s"].items():
+        lines.append(f"  {w} worker(s): {rate:8.1f} clips/s  ({t['clips_per_s_per_worker'][w]:.1f} per worker)")
     return "\n".join(lines)
 
 
@@ -375,7 +417,7 @@ def run(args) -> str:
     if args.bench == "loader":
         from ajepa.config import load_params
         r = bench_loader(load_params(args.params), store=args.store, clips=args.clips, frames=args.frames,
-                         batch=args.batch, steps=args.steps, workers=tuple(args.workers))
+                         batch=args.batch, steps=args.steps, workers=tuple(args.workers), benchmark=args.benchmark)
         return json.dumps(r) if args.json else _format_loader(r)
     if args.bench == "probe":
         from ajepa.tools.probebench import bench_probe, format_probe

@@ -28,8 +28,9 @@ MicroBatch = int | str | None  # clips per forward/backward: an int, "auto", or 
 
 # The config keys that say how a step is computed, not what it computes. A run resumed with other
 # values (say `micro_batch: auto` on another GPU) continues the same trajectory up to float rounding
-# (and, with dropout or drop path, other draws), so they are no part of a run's identity.
-COMPUTE_KEYS = ("micro_batch", "activation_checkpointing", "compile")
+# (and, with dropout or drop path, other draws), so they are no part of a run's identity. The loader's
+# workers and prefetch change nothing at all: a batch is a function of its step (ajepa.data.loader).
+COMPUTE_KEYS = ("micro_batch", "activation_checkpointing", "compile", "num_workers", "prefetch")
 
 
 def without_compute_keys(section: dict) -> dict:

@@ -35,7 +35,7 @@ def project(tmp_path_factory):
     p["features"]["shard_clips"] = 1
     p["pretrain"]["optim"].update(epochs=1, batch_size=32)
     p["pretrain"]["num_workers"] = 2  # forked loader workers read the shards too
-    p["finetune"]["synth"].update(epochs=1, batch_size=32)
+    p["finetune"]["synth"].update(epochs=1, batch_size=32, num_workers=2)  # (its clips are held in memory)
     write_params(root, p)
     with cwd(root):
         for command in (["prepare", "synth"], ["features", "synth"], ["pool", "synth"]):
@@ -63,3 +63,29 @@ def test_pretraining_finetuning_the_probe_and_embed_pass_under_256_descriptors(p
     assert r.returncode == 0, r.stderr[-3000:]
     with np.load(tmp_path / "emb.npz") as z:
         assert z["embeddings"].shape[0] == 2 * LIMIT and np.isfinite(z["embeddings"]).all()
+
+
+STREAMED = """
+import dataclasses, torch
+from ajepa.config import load_params
+from ajepa.downstream import finetune
+from ajepa.downstream.protocols import load_task
+task = dataclasses.replace(load_task("synth", "data/features/synth"), x=torch.empty(0))  # read from the shards
+split = task.splits[0]
+cfg = dataclasses.replace(load_params("params.yaml").recipe("synth"), epochs=2, batch_size=16, mixup=0.5,
+                          num_workers=2)
+batches = finetune.StepBatches(task, split, cfg, finetune.steps_per_epoch(cfg, split))
+print(len(split.train), sum(len(b.x) + len(b.x2) for b in finetune.batch_stream(batches, 0, torch.device("cpu"))))
+"""
+
+
+def test_fine_tuning_loader_workers_reading_the_shards_keep_their_open_files_bounded(project):
+    """A benchmark too large to hold in memory is read from the store by the loader workers: each reads
+    more shards than a 128-descriptor limit allows open (16 clips and 16 mixup partners a step, in
+    one-clip shards), each keeping a bounded few."""
+    # a worker out of descriptors cannot even send its error (the DataLoader waits on it): a timeout
+    r = subprocess.run([sys.executable, "-c", STREAMED], cwd=project, env=ENV, capture_output=True, text=True,
+                       timeout=180, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    train, read = map(int, r.stdout.split())
+    assert train > 128 and read == 2 * 2 * (train // 16) * 16  # the training clips' shards alone pass the limit
