@@ -136,9 +136,9 @@ def _add_bench(sub) -> None:
 def _add_bench_scale(bench) -> None:
     b = bench.add_parser("scale", help="AudioSet-2M's shard count at tiny cost: every stage as a job would run it "
                                        "(open-file and memory limits), peak RSS, open files, seconds, projected to 2 M")
-    b.add_argument("--clips", type=_at_least_one, nargs="+", default=[975, 1950], metavar="N",
-                   help="rehearsal sizes, one clip per shard (default 975 1950: half and all of AS-2M's shard count; "
-                        "two sizes or more fit the projection's line)")
+    b.add_argument("--clips", type=_at_least_one, nargs="+", default=[195, 1950], metavar="N",
+                   help="rehearsal sizes, one clip per shard (default 195 1950: a tenth and all of AS-2M's shard "
+                        "count; two sizes or more fit the projection's line)")
     b.add_argument("--nofile", type=_at_least_one, default=1024, help="RLIMIT_NOFILE, soft and hard (default 1024)")
     b.add_argument("--memory-gb", type=float, default=8.0, help="RLIMIT_AS of every stage process (default 8)")
     b.add_argument("--readonly", choices=["auto", "on", "off"], default="auto",

@@ -71,5 +71,8 @@ def test_two_sizes_project_every_figure_on_a_line():
     def figs(n, seconds, rss):
         return [scale.StageFigures("pretrain", seconds, rss, 2 * rss, 20, 3)]
     p = scale.project({1000: figs(1000, 10.0, 100.0), 2000: figs(2000, 20.0, 150.0)}, target=4000)
-    assert p["pretrain"] == {"seconds": 40.0, "peak_rss_mb": 250.0, "tree_rss_mb": 500.0, "peak_open_files": 20.0}
+    assert p["pretrain"] == {"seconds": 40.0, "peak_rss_mb": 250.0, "tree_rss_mb": 500.0, "peak_open_files": 20}
+    # a figure that falls between the sizes (noise over a fixed cost) is projected flat, never below zero
+    p = scale.project({1000: figs(1000, 12.0, 160.0), 2000: figs(2000, 11.0, 150.0)}, target=2_000_000)
+    assert p["pretrain"] == {"seconds": 11.0, "peak_rss_mb": 150.0, "tree_rss_mb": 300.0, "peak_open_files": 20}
     assert scale.project({1000: figs(1000, 10.0, 100.0)}, target=4000) == {"pretrain": {"seconds": 40}}

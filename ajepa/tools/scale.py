@@ -14,6 +14,7 @@ whole process tree and the most descriptors any one of its processes held (both 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import resource
 import shutil
@@ -25,7 +26,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
 import yaml
 
 from ajepa.config import parse_params, read_yaml
@@ -90,15 +90,12 @@ class TreeSampler(threading.Thread):
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.root, self.stop = psutil.Process(pid), threading.Event()
+        self.root, self.stop = pid, threading.Event()
         self.hwm = self.rss = self.fds = self.procs = 0
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                tree = [self.root.pid, *(c.pid for c in self.root.children(recursive=True))]
-            except psutil.Error:
-                return
+            tree = process_tree(self.root)
             rss = 0
             for pid in tree:
                 try:  # a process may end between the listing and the reads
@@ -111,6 +108,24 @@ class TreeSampler(threading.Thread):
                 self.fds = max(self.fds, fds)
             self.rss, self.procs = max(self.rss, rss), max(self.procs, len(tree))
             time.sleep(POLL_S)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process descended from it, from each process's parent in /proc/PID/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:  # the name (field 2) may hold spaces and parentheses: the parent follows the last ')'
+                ppid = int(Path(entry.path, "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
 
 
 def _status_kib(pid: int) -> dict[str, int]:
@@ -218,28 +233,27 @@ def rehearse(base: dict, clips: int, limits: Limits, run_dir: Path) -> list[Stag
 
 
 def project(runs: dict[int, list[StageFigures]], target: int = AS2M_CLIPS) -> dict:
-    """Each stage's figures at `target` clips. Two sizes or more: a least-squares line a + b x clips
-    through each figure (seconds, both RSS, descriptors); one size: seconds in proportion to clips,
-    nothing else (one point says nothing of how memory grows)."""
+    """Each stage's figures at `target` clips (the model: `MODEL`)."""
     sizes = sorted(runs)
-    by_stage = {f.stage: [] for f in runs[sizes[0]]}
-    for n in sizes:
-        for f in runs[n]:
-            by_stage[f.stage].append((n, f))
     out = {}
-    for stage, points in by_stage.items():
+    for i, f in enumerate(runs[sizes[-1]]):
+        points = [(n, runs[n][i]) for n in sizes]
         if len(points) == 1:
-            n, f = points[0]
-            out[stage] = {"seconds": round(f.seconds * target / n)}
+            out[f.stage] = {"seconds": round(f.seconds * target / sizes[0])}
             continue
-        out[stage] = {key: round(_line_at([n for n, _ in points], [getattr(f, key) for _, f in points], target), 1)
-                      for key in ("seconds", "peak_rss_mb", "tree_rss_mb", "peak_open_files")}
+        out[f.stage] = {key: round(_line_at([n for n, _ in points], [getattr(g, key) for _, g in points], target), 1)
+                        for key in ("seconds", "peak_rss_mb", "tree_rss_mb")}
+        out[f.stage]["peak_open_files"] = f.peak_open_files
     return out
 
 
 def _line_at(xs: list[float], ys: list[float], x: float) -> float:
+    """The least-squares line through (xs, ys) at x; a line that falls is read as no growth (the figure
+    at the largest size): at this size a figure's fixed part dominates and noise can tilt it either way."""
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    if slope <= 0:
+        return ys[xs.index(max(xs))]
     return my + slope * (x - mx)
 
 
@@ -258,7 +272,7 @@ def bench_scale(params_file: str, sizes: list[int], nofile: int, memory_gb: floa
             run_dir = root / f"clips-{n}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            runs[n] = rehearse(read_yaml(yaml.safe_dump(base), params_file), n, limits, run_dir)
+            runs[n] = rehearse(copy.deepcopy(base), n, limits, run_dir)
     finally:
         if not folder:
             shutil.rmtree(root, ignore_errors=True)
@@ -267,12 +281,14 @@ def bench_scale(params_file: str, sizes: list[int], nofile: int, memory_gb: floa
                        else "not enforced (HOME and TMPDIR inside the run folder)"},
             "folder": str(root) if folder else None, "clips_per_shard": 1, "cpus": os.cpu_count(),
             "runs": {str(n): [asdict(f) for f in figs] for n, figs in runs.items()},
-            "projection": {"clips": AS2M_CLIPS, "shards": AS2M_SHARDS, "model": _MODEL, **project(runs)},
+            "projection": {"clips": AS2M_CLIPS, "shards": AS2M_SHARDS, "model": MODEL, **project(runs)},
             "fraction_of_as2m": {str(n): round(n / AS2M_CLIPS, 6) for n in runs}}
 
 
-_MODEL = ("linear in clips at the rehearsal's clip length (96 frames) and model (2 blocks of width 32): the "
-          "data path's cost, not the paper model's compute (docs/compute.md); one size projects seconds only")
+MODEL = ("seconds and RSS: a least-squares line in the clip count through the sizes run (never falling), at the "
+         "rehearsal's 96 frames per clip and 2-block model: the pipeline's own cost per clip, not the paper model's "
+         "compute (docs/compute.md); one size: seconds in proportion to clips only. Open files: as measured at the "
+         "largest size, which has AS-2M's shard count (the readers keep a bounded number open)")
 
 
 def format_scale(r: dict) -> str:
@@ -286,10 +302,10 @@ def format_scale(r: dict) -> str:
         lines += [f"{f['stage']:<10}{f['seconds']:>9.1f}{f['peak_rss_mb']:>13.0f}{f['tree_rss_mb']:>13.0f}"
                   f"{f['peak_open_files']:>12}{f['processes']:>7}" for f in figs]
     p = r["projection"]
-    lines += ["", f"projected to {p['clips']:,} clips ({p['model']})", head]
+    lines += ["", f"projected to {p['clips']:,} clips in {p['shards']:,} shards", head]
     for stage, v in p.items():
         if isinstance(v, dict):
             cells = [v.get(k) for k in ("seconds", "peak_rss_mb", "tree_rss_mb", "peak_open_files")]
             lines.append(f"{stage:<10}" + "".join(f"{'-' if c is None else f'{c:.0f}':>{w}}"
                                                   for c, w in zip(cells, (9, 13, 13, 12))))
-    return "\n".join(lines)
+    return "\n".join([*lines, f"model: {p['model']}"])
