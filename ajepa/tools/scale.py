@@ -190,9 +190,8 @@ def _command(args: list[str], run_dir: Path, readonly: bool) -> list[str]:
     # the run folder bound onto itself keeps it writable when the root mount turns read-only (the cd
     # enters the new mount: the inherited working folder is the read-only one); /dev/shm (the loader's
     # shared memory) is its own mount and stays as it is, as on a cluster node
-    script = (f'mount --bind "{run_dir}" "{run_dir}" && mount -o remount,bind,ro / && cd "{run_dir}" && '
-              f'exec "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *ajepa]
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro / && cd "$1" && shift && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(run_dir), *ajepa]
 
 
 def run_stage(name: str, args: list[str], run_dir: Path, limits: Limits, log, tmp: Path | None = None) -> StageFigures:
