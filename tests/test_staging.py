@@ -12,26 +12,18 @@ import yaml
 
 from ajepa.cli import main
 from ajepa.data.staging import RECORD, expand_target, stage_store
-from ajepa.data.store import CHECKSUMS, FeatureStore, extract_features, sha256_file
-from ajepa.datasets.manifest import unlabeled_rows
-from ajepa.data.frontend import FrontEnd
-from ajepa.datasets import synth
+from ajepa.data.store import CHECKSUMS, FeatureStore, sha256_file
 from ajepa.errors import AjepaError
 from ajepa.export import read_export
 from ajepa.tools.scale import readonly_supported
-from conftest import tiny_params
+from conftest import pool_features, tiny_params
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """24 one-second clips in shards of 4: six shard files."""
     root = tmp_path_factory.mktemp("staging")
-    spec = synth.GeneratorSpec(seed=8, duration_s=1.0, sample_rate=16000, snr_db=(10.0, 30.0))
-    synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=24)
-    out = root / "data" / "features" / "synth"
-    extract_features(unlabeled_rows(root / "raw", "meta/pool.csv", "pool"), out, FrontEnd(), 96, 4, 1, 0.0,
-                     extra_stats={"grid": [6, 8], "patch_size": 16}, progress=False)
-    return out
+    return pool_features(root, root / "data" / "features" / "synth", seed=8, clips=24, shard_clips=4)
 
 
 def test_the_store_records_every_shards_size_and_checksum(store):
@@ -104,7 +96,8 @@ def test_stage_to_expands_the_jobs_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("AJEPA_NODE_DISK", str(tmp_path))
     assert expand_target("$AJEPA_NODE_DISK/ajepa") == tmp_path / "ajepa"
     monkeypatch.delenv("AJEPA_NODE_DISK")
-    with pytest.raises(AjepaError, match=r"distributed.stage_to: '\$AJEPA_NODE_DISK/ajepa': \$AJEPA_NODE_DISK is not set"):
+    unset = r"distributed.stage_to: '\$AJEPA_NODE_DISK/ajepa': \$AJEPA_NODE_DISK is not set"
+    with pytest.raises(AjepaError, match=unset):
         expand_target("$AJEPA_NODE_DISK/ajepa")
 
 
@@ -126,6 +119,7 @@ def test_pretraining_from_the_staged_copy_gives_the_same_weights(store, tmp_path
         weights[name] = read_export(root / "models" / "pretrain" / "context")[1]
     err = capsys.readouterr().err
     files = len([p for p in store.iterdir() if p.is_file()])
-    assert f"staged data/features/synth to {tmp_path / 'node' / 'job' / 'synth'}: {files} files copied and verified" in err
+    staged = tmp_path / "node" / "job" / "synth"
+    assert f"staged data/features/synth to {staged}: {files} files copied and verified" in err
     assert sorted(weights["staged"]) == sorted(weights["in_place"])
     assert all(np.array_equal(weights["staged"][k].numpy(), weights["in_place"][k].numpy()) for k in weights["staged"])
