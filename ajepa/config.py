@@ -453,7 +453,7 @@ class DistributedConfig:
     device: Literal["auto", "cuda", "cpu"]  # cuda: stop in one line without a usable GPU; auto: the GPU when CUDA works, else the CPU
     processes: Union[Literal["auto"], int]  # auto: one per visible CUDA device (1 without CUDA); N: N processes
     backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on CUDA devices, gloo on the CPU
-    stage_to: str | None  # pretrain: copy the pool's feature stores to this folder (node-local disk; $VARS expanded) first, verified; null = read them in place
+    stage_to: str | None  # pretrain reads its stores from a verified copy here ($VARS expanded); null: in place
 
     def check(self, key: str) -> None:
         if self.processes != "auto" and self.processes < 1:

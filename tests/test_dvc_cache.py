@@ -6,11 +6,12 @@ import os
 
 import numpy as np
 import pytest
-
-from ajepa.data.store import FeatureStore
 from conftest import make_project_copy, run, tiny_params
 
+from ajepa.data.store import FeatureStore
 
+
+@pytest.mark.slow
 @pytest.mark.parametrize("link", ["symlink", "hardlink"])
 def test_features_are_links_into_a_cache_outside_the_repository(tmp_path, link):
     p = tiny_params()

@@ -5,16 +5,16 @@ import json
 
 import pytest
 import yaml
+from conftest import REPO
 
 from ajepa.cli import main
 from ajepa.errors import AjepaError
 from ajepa.tools import scale
 
-from conftest import REPO
-
 COLUMNS = ("stage", "seconds", "peak RSS MB", "tree RSS MB", "open files", "procs")
 
 
+@pytest.mark.slow
 def test_small_form_passes_every_stage_over_1024_shards_under_256_descriptors(tmp_path, capsys):
     assert main(["--params", str(REPO / "params.yaml"), "bench", "scale", "--clips", "1024", "--nofile", "256",
                  "--folder", str(tmp_path), "--json"]) == 0
@@ -39,6 +39,7 @@ def test_small_form_passes_every_stage_over_1024_shards_under_256_descriptors(tm
     assert "1024 clips in 1024 shards" in table and "projected to 2,000,000 clips" in table
 
 
+@pytest.mark.slow
 def test_the_descriptor_limit_reaches_the_stage(tmp_path):
     # so few descriptors that the interpreter cannot even load its modules: the stage fails, named
     with pytest.raises(AjepaError, match=r"stage check failed \(exit \d+\) under 4 open files"):
@@ -46,6 +47,7 @@ def test_the_descriptor_limit_reaches_the_stage(tmp_path):
                           folder=str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not scale.readonly_supported(), reason="no mount namespace here (unshare --mount refused)")
 def test_a_stage_cannot_write_outside_its_run_folder(tmp_path):
     outside = tmp_path / "outside" / "params.yaml"

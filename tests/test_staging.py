@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from conftest import pool_features, tiny_params
 
 from ajepa.cli import main
 from ajepa.data.staging import RECORD, expand_target, stage_store
@@ -16,7 +17,6 @@ from ajepa.data.store import CHECKSUMS, FeatureStore, sha256_file
 from ajepa.errors import AjepaError
 from ajepa.export import read_export
 from ajepa.tools.scale import readonly_supported
-from conftest import pool_features, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,7 @@ def test_a_damaged_store_is_refused_and_nothing_passes_for_its_copy(store, tmp_p
     assert not [p for p in (tmp_path / "dest").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not readonly_supported(), reason="no mount namespace here for a small tmpfs")
 def test_a_target_without_room_is_one_line_before_any_copy(store, tmp_path):
     dest = tmp_path / "small"
@@ -101,6 +102,7 @@ def test_stage_to_expands_the_jobs_variables(monkeypatch, tmp_path):
         expand_target("$AJEPA_NODE_DISK/ajepa")
 
 
+@pytest.mark.slow  # a training run
 def test_pretraining_from_the_staged_copy_gives_the_same_weights(store, tmp_path, monkeypatch, capsys):
     weights = {}
     for name, stage_to in (("in_place", None), ("staged", "$AJEPA_NODE_DISK/job")):
