@@ -114,6 +114,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--max-iter", type=int, default=20, help="L-BFGS iterations (default 20)")
     b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_bench_scale(bench)
     b = bench.add_parser("pretrain", help="A-JEPA training steps: samples/s, model FLOP/s, matmul peak, MFU")
     b.add_argument("--encoder", default="config", choices=["config", "tiny", "small", "base", "large"],
                    help="encoder size (default: pretrain.encoder in params)")
@@ -129,6 +130,21 @@ def _add_bench(sub) -> None:
                         "GPU) or cpu")
     b.add_argument("--compile", action="store_true", help="torch.compile the blocks (compile time reported apart)")
     b.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_bench_scale(bench) -> None:
+    b = bench.add_parser("scale", help="AudioSet-2M's shard count at tiny cost: every stage as a job would run it "
+                                       "(open-file and memory limits), peak RSS, open files, seconds, projected to 2 M")
+    b.add_argument("--clips", type=_at_least_one, nargs="+", default=[195, 1950], metavar="N",
+                   help="rehearsal sizes, one clip per shard (default 195 1950: a tenth and all of AS-2M's shard "
+                        "count; two sizes or more fit the projection's line)")
+    b.add_argument("--nofile", type=_at_least_one, default=1024, help="RLIMIT_NOFILE, soft and hard (default 1024)")
+    b.add_argument("--memory-gb", type=float, default=8.0, help="RLIMIT_AS of every stage process (default 8)")
+    b.add_argument("--readonly", choices=["auto", "on", "off"], default="auto",
+                   help="every mount but the run folder read-only in a mount namespace (auto: where `unshare` may)")
+    b.add_argument("--folder", default=None, metavar="DIR",
+                   help="keep the runs in DIR/clips-N (default: a temporary folder, removed)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

@@ -455,10 +455,13 @@ class DistributedConfig:
     device: Literal["auto", "cuda", "cpu"]  # cuda: stop in one line without a usable GPU; auto: the GPU when CUDA works, else the CPU
     processes: Union[Literal["auto"], int]  # auto: one per visible CUDA device (1 without CUDA); N: N processes
     backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on CUDA devices, gloo on the CPU
+    stage_to: str | None  # pretrain reads its stores from a verified copy here ($VARS expanded); null: in place
 
     def check(self, key: str) -> None:
         if self.processes != "auto" and self.processes < 1:
             _bad(key + ".processes", self.processes, "must be 'auto' or a positive integer")
+        if self.stage_to is not None and not self.stage_to.strip():
+            _bad(key + ".stage_to", self.stage_to, "must be a folder, or null to read the stores in place")
 
 
 @dataclass(frozen=True)

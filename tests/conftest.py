@@ -30,7 +30,8 @@ def tiny_params() -> dict:
     return p
 
 
-def pool_features(root: Path, out: Path, *, seed: int, clips: int, duration_s: float = 1.0) -> Path:
+def pool_features(root: Path, out: Path, *, seed: int, clips: int, duration_s: float = 1.0,
+                  shard_clips: int = 64) -> Path:
     """`clips` unlabeled synthetic clips of `duration_s` seconds generated under `root`, as a pretraining
     feature store at `out`: 96 log-mel frames per second of 128 bins, a patch grid of 16 x 16 patches."""
     from ajepa.data.frontend import FrontEnd
@@ -41,8 +42,8 @@ def pool_features(root: Path, out: Path, *, seed: int, clips: int, duration_s: f
     spec = synth.GeneratorSpec(seed=seed, duration_s=duration_s, sample_rate=16000, snr_db=(10.0, 30.0))
     synth.generate(root / "raw", spec, clips_per_class=1, num_folds=1, pool_clips=clips)
     frames = round(96 * duration_s)
-    extract_features(unlabeled_rows(root / "raw", "meta/pool.csv", "pool"), out, FrontEnd(), frames, 64, 1, 0.0,
-                     extra_stats={"grid": [frames // 16, 8], "patch_size": 16}, progress=False)
+    extract_features(unlabeled_rows(root / "raw", "meta/pool.csv", "pool"), out, FrontEnd(), frames, shard_clips,
+                     1, 0.0, extra_stats={"grid": [frames // 16, 8], "patch_size": 16}, progress=False)
     return out
 
 

@@ -4,6 +4,7 @@
     DIR/index.csv             clip_id, labels, fold, split, shard, row, n_frames, path
     DIR/stats.json            mean/std from the training splits, front-end settings, counts
     DIR/rejects.csv           path, reason for every clip that could not become features
+    DIR/checksums.json        size and sha256 of every shard (what a staged copy is checked against)
 
 The size of the store is checked against the free space first; shards are then pre-allocated (their
 blocks reserved, so a full disk fails the allocation with ENOSPC instead of killing a worker with
@@ -41,6 +42,7 @@ from ajepa.errors import AjepaError
 from ajepa.progress import progress as progress_bar
 
 DONE = "done"  # the work folder's records of finished shards
+CHECKSUMS = "checksums.json"  # in a store: every shard's size and sha256
 CHUNK_CLIPS = 32  # clips per worker task: small enough for a live progress bar, large enough to amortise IPC
 INDEX_COLUMNS = ["clip_id", "labels", "fold", "split", "shard", "row", "n_frames", "path"]
 # What a model trained on a store needs to see audio as it did (stats.json keys)
@@ -130,7 +132,7 @@ def plan_shards(manifest: pd.DataFrame, frontend: FrontEnd, target_length: int, 
     return shards
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -149,7 +151,7 @@ def finished_shards(work: Path, shards: list[Shard]) -> dict[int, list]:
             continue
         path = shard_file(work, shard.number)
         if (record.get("key") == shard.key and path.is_file() and path.stat().st_size == record.get("size")
-                and _sha256(path) == record.get("sha256")):
+                and sha256_file(path) == record.get("sha256")):
             kept[shard.number] = [tuple(clip) for clip in record["results"]]
     return kept
 
@@ -157,7 +159,7 @@ def finished_shards(work: Path, shards: list[Shard]) -> dict[int, list]:
 def _record(work: Path, shard: Shard, results: list) -> None:
     path = shard_file(work, shard.number)
     write_json(work / DONE / f"shard-{shard.number:05d}.json",
-               {"key": shard.key, "size": path.stat().st_size, "sha256": _sha256(path), "results": results})
+               {"key": shard.key, "size": path.stat().st_size, "sha256": sha256_file(path), "results": results})
 
 
 def _check_room(work: Path, shards: list[Shard], kept: dict, row_shape: tuple[int, int], out_dir: Path) -> None:
@@ -376,9 +378,22 @@ def _finish(work: Path, out_dir: Path, index: pd.DataFrame, rejects: pd.DataFram
         index.to_csv(work / "index.csv", index=False)
         rejects.to_csv(work / "rejects.csv", index=False)
         (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (work / CHECKSUMS).write_text(json.dumps(_checksums(work), indent=1) + "\n")
         shutil.rmtree(work / DONE)
     with atomic_path(out_dir) as tmp:
         os.replace(work, tmp)
+
+
+def _checksums(work: Path) -> dict:
+    """{shard file: size and sha256} from the records of the finished shards: what a copy of the store
+    (ajepa.data.staging) is verified against, without reading the store again."""
+    sums = {}
+    for record_path in sorted((work / DONE).glob("shard-*.json")):
+        name = record_path.with_suffix(".npy").name
+        if (work / name).is_file():  # a record of a longer earlier manifest's shard has no file left
+            record = json.loads(record_path.read_text())
+            sums[name] = {"size": record["size"], "sha256": record["sha256"]}
+    return sums
 
 
 def open_shard_budget() -> int:

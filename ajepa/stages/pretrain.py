@@ -7,12 +7,14 @@ exactly the files of a single-process run."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
 from ajepa import paths
 from ajepa.atomic import write_json
 from ajepa.config import Params
+from ajepa.data.staging import expand_target, stage_store
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.device import pick_device
 from ajepa.errors import AjepaError
@@ -34,12 +36,20 @@ def output_paths() -> PretrainPaths:
 
 
 def pool(params: Params) -> StoreUnion:
-    """The clips of pretrain.splits in every store of pretrain.datasets, as one sequence."""
+    """The clips of pretrain.splits in every store of pretrain.datasets, as one sequence: read from the
+    verified copies in distributed.stage_to when it is set (made by the first process to get here)."""
     cfg = params.pretrain
     stores = []
     for name in cfg.datasets:
         check_pool(params, name)
-        store = FeatureStore(paths.features_dir(name), splits=tuple(cfg.splits))
+        root = paths.features_dir(name)
+        if params.distributed.stage_to is not None:
+            staged = stage_store(root, expand_target(params.distributed.stage_to) / name)
+            if staged.copied:
+                print(f"pretrain: staged {root} to {staged.root}: {staged.copied} files copied and verified "
+                      f"({staged.bytes_copied / 2**20:.1f} MiB), {staged.reused} already in place", file=sys.stderr)
+            root = staged.root
+        store = FeatureStore(root, splits=tuple(cfg.splits))
         if len(store) == 0:
             raise AjepaError(f"{store.root}: no clips in splits {cfg.splits} (pretrain.splits)")
         stores.append(store)

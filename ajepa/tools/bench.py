@@ -423,6 +423,10 @@ def run(args) -> str:
         from ajepa.tools.probebench import bench_probe, format_probe
         r = bench_probe(args.clips, args.width, block_mb=args.block_mb, max_iter=args.max_iter, device=args.device)
         return json.dumps(r) if args.json else format_probe(r)
+    if args.bench == "scale":
+        from ajepa.tools import scale
+        r = scale.bench_scale(args.params, args.clips, args.nofile, args.memory_gb, args.readonly, args.folder)
+        return json.dumps(r) if args.json else scale.format_scale(r)
     if args.bench == "features":
         r = bench_features(args.clips, args.workers)
         if args.json:
