@@ -29,7 +29,7 @@ from ajepa.downstream.linear import (cached_embeddings, evaluate_embeddings, eva
                                      pooled_batches, token_batches)
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
-from ajepa.export import WEIGHTS, read_export
+from ajepa.export import WEIGHTS, read_config
 from ajepa.lock import state_lock
 from ajepa.stages.outcome import recorded_failure
 from ajepa.stages.tracking import write_timing
@@ -100,7 +100,7 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
         rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
         if "attentive" in r:
             rows["attentive"] = r["attentive"]
-    arch = {k: v for k, v in read_export(encoder_paths[chosen])[2]["architecture"].items() if k != "grid"}
+    arch = {k: v for k, v in read_config(encoder_paths[chosen])[1]["architecture"].items() if k != "grid"}
     r = _probe(task, cache, cfg, f"random_init-{config_hash({'arch': arch, 'seed': cfg.seed})[:12]}",
                lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive,
                f"the untrained encoder (seed {cfg.seed})", device)
@@ -126,7 +126,7 @@ def _run(params: Params, benchmark: str, device: torch.device) -> str:
     for path in encoder_paths.values():
         if not path.exists():
             raise AjepaError(f"{path}: no pretrained encoder (run `ajepa pretrain` first)")
-    width = read_export(encoder_paths[chosen])[2]["architecture"]["embed_dim"]
+    width = read_config(encoder_paths[chosen])[1]["architecture"]["embed_dim"]
     if cfg.attentive.epochs and width % cfg.attentive.num_heads:
         raise AjepaError(f"linear.attentive.num_heads: {cfg.attentive.num_heads} does not divide the width of the "
                          f"{chosen} encoder ({width}): use one of its divisors")

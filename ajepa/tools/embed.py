@@ -28,7 +28,7 @@ from ajepa.datasets.walk import walk_files
 from ajepa.device import pick_device
 from ajepa.encoder import AudioEncoder, load_encoder
 from ajepa.errors import AjepaError
-from ajepa.export import CONFIG, weights_file
+from ajepa.export import CONFIG, WEIGHTS
 from ajepa.progress import progress
 from ajepa.train.checkpoint import file_sha256
 
@@ -73,7 +73,7 @@ def _not_audio(path: Path) -> str | None:
 def _identity(model: AudioEncoder) -> str:
     """What the embeddings depend on besides the audio: the weights, statistics and window."""
     source = Path(model.config["source"])
-    return json.dumps({"export": str(source), "weights_sha256": file_sha256(weights_file(source)),
+    return json.dumps({"export": str(source), "weights_sha256": file_sha256(source / WEIGHTS),
                        "mean": model.mean, "std": model.std, "window_frames": model.window_frames}, sort_keys=True)
 
 

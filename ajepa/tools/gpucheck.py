@@ -44,6 +44,7 @@ from ajepa.config import parse_params, read_yaml
 from ajepa.cpus import available_cpus
 from ajepa.device import cuda_problem
 from ajepa.errors import AjepaError
+from ajepa.export import read_export
 from ajepa.tools.presets import load_preset, merge, preset_path
 from ajepa.train.distributed import local_processes
 
@@ -121,10 +122,7 @@ def run_pretrain(cwd: Path, launcher: tuple[str, ...] = ()) -> dict:
 
 def encoder_difference(a: Path, b: Path) -> float:
     """The largest absolute difference between two runs' exported context encoders."""
-    from ajepa.train.checkpoint import load_encoder_state
-
-    wa, _ = load_encoder_state(a / "models/pretrain/context/model.safetensors")
-    wb, _ = load_encoder_state(b / "models/pretrain/context/model.safetensors")
+    wa, wb = (read_export(root / "models/pretrain/context")[1] for root in (a, b))
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
