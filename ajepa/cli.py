@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ajepa import __version__
+from ajepa.choices import Encoder, names
 from ajepa.errors import AjepaError, Interrupted
 from ajepa.interrupt import StopSignals
 
@@ -33,7 +34,7 @@ def _add_embed(sub) -> None:
                    help="embeddings and paths; FILE.csv (index) and FILE.rejects.csv (unreadable clips) beside it")
     s.add_argument("--encoder", default="models/pretrain", metavar="PATH",
                    help="an export folder, or a folder of them (default: models/pretrain)")
-    s.add_argument("--which", choices=["context", "target"], default=None,
+    s.add_argument("--which", choices=names(Encoder), default=None,
                    help="the encoder of a folder of exports (default: downstream.encoder of --params if that "
                         "file exists, else context)")
     s.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default 16)")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from ajepa import __version__
 from ajepa.atomic import atomic_path, fsync
+from ajepa.choices import Encoder
 from ajepa.errors import AjepaError, first_line
 from ajepa.models import SpectrogramEncoder
 from ajepa.models.state import check_state
@@ -38,7 +39,7 @@ EXPORT_FORMAT = "ajepa-export/1"
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 # The encoder a folder of several exports stands for: params.yaml's `downstream.encoder` default
 # (docs/experiments.md measures why the context encoder rather than I-JEPA's target encoder).
-DEFAULT_EXPORT = "context"
+DEFAULT_EXPORT: Encoder = "context"
 GRID_RULE = ("tokens are time-major (index t * n_freq + f); n_time = window frames / patch_size, n_freq = "
              "num_mel_bins / patch_size; positions are a fixed sin-cos function of the grid, so any window "
              "that is a multiple of patch_size loads")

@@ -12,6 +12,7 @@ import torch
 
 from ajepa import paths
 from ajepa.atomic import write_json
+from ajepa.choices import Encoder, names
 from ajepa.config import Params
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.device import pick_device
@@ -25,12 +26,10 @@ from ajepa.stages.tracking import open_live, write_timing
 from ajepa.train.distributed import DistInfo, cleanup, init_distributed, launch, launched, local_processes
 from ajepa.train.pretrain import PretrainPaths, PretrainResult, build_mask_generator, pretrain
 
-ENCODERS = ("context", "target")
-
 
 def output_paths() -> PretrainPaths:
-    return PretrainPaths(encoders={k: paths.pretrained_encoder(k) for k in ENCODERS}, state=paths.pretrain_state_dir(),
-                         metrics=paths.pretrain_results() / "metrics.json")
+    return PretrainPaths(encoders={k: paths.pretrained_encoder(k) for k in names(Encoder)},
+                         state=paths.pretrain_state_dir(), metrics=paths.pretrain_results() / "metrics.json")
 
 
 def pool(params: Params) -> StoreUnion:
