@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from ajepa.choices import Encoder, names
 from ajepa.errors import AjepaError, Interrupted
 from ajepa.interrupt import StopSignals
 
+# Each command imports its own module when it is chosen (below): `ajepa --version`, `check`, `preset` and
+# the params tools then start without loading torch (seconds), and the pipeline tools (dvc, dvclive,
+# snakemake, matplotlib: an optional extra) only when a stage needs them.
 # what `pip install -e '.[pipeline]'` adds to the library: a stage that needs one names the remedy
 PIPELINE_MODULES = {"dvc", "dvclive", "snakemake", "matplotlib", "ruamel"}
 
@@ -199,8 +203,6 @@ def _run_tool(args) -> int:
         from ajepa.tools import embed  # --which may read --params itself
         print(embed.run(args))
     elif args.command == "gpu-check":
-        import json
-
         from ajepa.tools import gpucheck
         r = gpucheck.gpu_check(args.params, cpu=args.cpu)
         print(json.dumps(r))

@@ -52,8 +52,7 @@ def _train(cfg, store_dir, out, **kw):
             log(step, metrics)
         return both
 
-    r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(), open_log=open_log,
-                 enable_progress=False, **kw)
+    r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(), open_log=open_log, **kw)
     return r, losses
 
 

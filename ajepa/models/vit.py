@@ -157,10 +157,6 @@ class SpectrogramEncoder(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
-    @classmethod
-    def from_size(cls, size: str, grid: tuple[int, int], **kwargs) -> "SpectrogramEncoder":
-        return cls(grid, **resolve_size({"size": size, **kwargs}))
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, F] -> pos-embedded patch tokens [B, N, D]."""
         return self.patch_embed(x.unsqueeze(1)) + self.pos_embed

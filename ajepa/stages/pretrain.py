@@ -16,6 +16,8 @@ from ajepa.choices import Encoder, names
 from ajepa.config import Params
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.device import pick_device
+from ajepa.downstream.linear import validation_probe
+from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.interrupt import StopSignals
 from ajepa.lock import state_lock
@@ -50,8 +52,6 @@ def learning_curve(params: Params, device: torch.device):
     each configured encoder on the labeled clips of each pretraining dataset that has them, or None when
     pretrain.probe.every is 0 or no pretraining dataset is labeled."""
     cfg = params.pretrain.probe
-    from ajepa.downstream.linear import validation_probe
-    from ajepa.downstream.protocols import load_task
     labeled = [d for d in params.pretrain.datasets if FeatureStore(paths.features_dir(d)).stats.get("classes")]
     if not cfg.every or not labeled:
         return None

@@ -220,7 +220,7 @@ def _loader(cfg: PretrainConfig, store: FeatureStore | StoreUnion, dist: DistInf
 
 def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: PretrainPaths, dist: DistInfo,
              open_log: OpenLog | None = None, stop_after: int | None = None,
-             evaluate: Callable[[int, AJEPA], dict] | None = None, enable_progress: bool = True,
+             evaluate: Callable[[int, AJEPA], dict] | None = None,
              stop_requested: Callable[[], int | None] | None = None) -> PretrainResult:
     """Train (or resume) to the configured number of steps; rank 0 logs and writes every output.
 
@@ -247,7 +247,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
     engine.configure(cfg.optim.batch_size // dist.world_size, cfg.micro_batch, cfg.activation_checkpointing,
                      cfg.compile, probe_loss(cfg, model, grid, patch_size, total_steps, dist.device))
     model.train()
-    bar = progress(end_step - start_step, "pretrain", "step", enabled=enable_progress and dist.is_main)
+    bar = progress(end_step - start_step, "pretrain", "step", enabled=dist.is_main)
 
     def step(batch: PretrainBatch) -> int:
         schedule = tuple(s.step() for s in schedules)
