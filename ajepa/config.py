@@ -257,7 +257,7 @@ class OptimConfig:
     epochs: int  # passes over the pretraining pool
     batch_size: int  # global batch, split evenly over torchrun processes
     lr: float  # peak learning rate after warmup, read as lr_scaling says
-    lr_scaling: LrScaling  # absolute: lr is the peak (I-JEPA); per_256: a base lr, peak lr x batch_size / 256 (AudioMAE)
+    lr_scaling: LrScaling  # absolute: lr is the peak (I-JEPA); per_256: a base lr, peak lr x batch / 256 (AudioMAE)
     final_lr: float  # learning rate at the end of the cosine (absolute either way)
     warmup_epochs: float  # linear warmup, in epochs
     warmup_start: float  # the warmup's first lr, as a fraction of the peak (0: from 0; I-JEPA: 0.2)

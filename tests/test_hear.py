@@ -180,7 +180,8 @@ def test_errors(tmp_path, exported):
         hear.load_model(str(bad))
     deeper = tmp_path / "deeper"
     write_export(deeper, SpectrogramEncoder(grid=(4, 8), embed_dim=32, depth=1, num_heads=2),
-                 {"encoder": "target", "architecture": {**TINY, "depth": 2}, "frontend": FRONTEND, "normalisation": STATS})
+                 {"encoder": "target", "architecture": {**TINY, "depth": 2}, "frontend": FRONTEND,
+                  "normalisation": STATS})
     with pytest.raises(AjepaError, match="do not fit"):
         hear.load_model(str(deeper))
     model = hear.load_model(str(path))

@@ -24,8 +24,7 @@ import torch
 
 from ajepa.atomic import atomic_path, fsync
 from ajepa.errors import AjepaError, first_line
-# re-exported for downstream/finetune.py, which imports it from here (its home is ajepa.models.state)
-from ajepa.models.state import check_state
+from ajepa.models.state import check_state  # re-exported: downstream/finetune.py imports it from here
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "config_hash", "file_sha256",
            "check_state", "load_optimizer", "restoring"]

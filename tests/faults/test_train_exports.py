@@ -72,7 +72,8 @@ def test_weights_of_the_wrong_shape_name_the_key(tmp_path):
     tensors["blocks.0.attn.qkv.weight"] = torch.zeros(96, 33)
     save_file(tensors, str(folder / "model.safetensors"))
     message = _one_line_error(build_encoder, folder, (4, 8))
-    assert message == f"{folder / 'model.safetensors'}: 'blocks.0.attn.qkv.weight' is [96, 33], the model expects [96, 32]"
+    assert message == (f"{folder / 'model.safetensors'}: 'blocks.0.attn.qkv.weight' is [96, 33], the model "
+                       "expects [96, 32]")
 
 
 def test_an_export_whose_weights_carry_the_architecture_too_still_loads(tmp_path):
