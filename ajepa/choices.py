@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["MaskMode", "Loss", "PredictorInit", "Pooling", "Encoder", "Split", "LrScaling", "names", "check_choice"]
+__all__ = ["MaskMode", "Loss", "PredictorInit", "Pooling", "Encoder", "HeadInit", "HeadNorm", "ClassifierLoss",
+           "Selection", "Split", "LrScaling", "names", "check_choice"]
 
 # ajepa.masks.MaskGenerator: curriculum (paper), block (I-JEPA), tf (time-frequency), inverse curriculum
 MaskMode = Literal["curriculum", "block", "tf", "inverse"]
@@ -23,6 +24,12 @@ PredictorInit = Literal["trunc_normal", "xavier"]
 Pooling = Literal["time", "all"]
 # ajepa.models.ajepa.AJEPA's two encoders, exported each to its own folder (ajepa.export)
 Encoder = Literal["context", "target"]
+# ajepa.downstream.finetune: the head's start (AudioMAE's near-zero, or the linear probe's solution: LP-FT),
+# where the final norm goes, the loss, and which epoch's weights are scored
+HeadInit = Literal["zero", "probe"]
+HeadNorm = Literal["encoder", "fc_norm"]
+ClassifierLoss = Literal["ce", "bce"]
+Selection = Literal["val", "last"]
 # ajepa.datasets.manifest: the split column of a manifest
 Split = Literal["train", "val", "test", "pretrain"]
 # ajepa.train.schedules.peak_lr: lr is the peak (I-JEPA), or a base lr per 256 clips (AudioMAE)

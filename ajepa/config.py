@@ -19,7 +19,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ajepa.choices import Encoder, Loss, LrScaling, MaskMode, Pooling, PredictorInit, Split
+from ajepa.choices import (ClassifierLoss, Encoder, HeadInit, HeadNorm, Loss, LrScaling, MaskMode, Pooling,
+                           PredictorInit, Selection, Split)
 from ajepa.datasets.download import Checksum
 from ajepa.datasets.registry import REGISTRY
 from ajepa.errors import ConfigError
@@ -355,8 +356,8 @@ class FinetuneConfig:
     weight_decay: float  # not on norms, biases, positional tables
     layer_decay: float  # layer-wise lr decay (AudioMAE 0.75): layer l of L gets lr * decay^(L + 1 - l)
     pooling: Pooling  # head input: mean of every patch (AudioMAE) or over time, frequency kept
-    head_init: Literal["zero", "probe"]  # zero: AudioMAE's (std 2e-5); probe: the linear probe's solution (LP-FT)
-    head_norm: Literal["encoder", "fc_norm"]  # encoder: its final norm on every token, pool, LayerNorm; fc_norm: AudioMAE's (no final norm, LayerNorm after the pool)
+    head_init: HeadInit  # zero: AudioMAE's (std 2e-5); probe: the linear probe's solution (LP-FT)
+    head_norm: HeadNorm  # encoder: its final norm on every token, pool, LayerNorm; fc_norm: AudioMAE's (no final norm, LayerNorm after the pool)
     drop_path: float  # stochastic depth (the deepest block's rate)
     key_mask_ratio: float  # regularized masking (paper 0.1); 0 disables
     specaug_time: int  # max frames of the one time mask per clip (AudioMAE timem); 0 disables
@@ -366,12 +367,12 @@ class FinetuneConfig:
     roll: bool  # random circular shift along time
     magnitude: bool  # waveform scaled by Beta(10, 10) + 0.5 (with roll: AudioMAE's roll_mag_aug)
     noise: bool  # AST's speech noise: uniform noise up to 0.1 and a shift of up to 10 frames
-    loss: Literal["ce", "bce"]  # ce (single-label) | bce (multi-label, or mixup on single-label as AudioMAE)
+    loss: ClassifierLoss  # ce (single-label) | bce (multi-label, or mixup on single-label as AudioMAE)
     label_smoothing: float  # ce targets (1 - s) one-hot + s / classes (AudioMAE's ESC-50 script: 0.1); 0 disables
     balanced_sampling: bool  # draw clips by class-balanced weights (AudioMAE AS-2M; SUPERB keyword spotting)
     balanced_replacement: bool  # draw with replacement (SUPERB) or no clip twice per epoch (AudioMAE AS-2M)
     samples_per_epoch: int  # clips drawn per epoch; 0 = one pass over the training clips
-    selection: Literal["val", "last"]  # val: the best epoch on the validation clips; last: they train too, last epoch
+    selection: Selection  # val: the best epoch on the validation clips; last: they train too, last epoch
     random_init_baseline: bool  # also fine-tune the same architecture from random init
     runs: int  # the first `runs` runs of the protocol (folds); 0 = all of them
     seed: int  # head init, batch order, augmentation and the random-init baseline's weights
