@@ -1,5 +1,6 @@
 """docs/architecture.md lists every module of the package, each once, and names no path that is gone."""
 
+import ast
 import re
 
 from conftest import REPO
@@ -28,3 +29,31 @@ def test_every_package_and_path_the_page_names_exists():
     named = set(re.findall(r"`(ajepa/[\w/.]*)`", text))
     assert packages <= named, f"packages the page does not name: {sorted(packages - named)}"
     assert sorted(p for p in named if "NAME" not in p and not (REPO / p).exists()) == []
+
+
+# The layers of docs/architecture.md, top down, by the module's first name under ajepa/ (the rest:
+# the foundation; the package itself, which hands out `ajepa.load_encoder`, above them all). config.py's
+# read of the dataset registry and checksum format is the page's one exception.
+LAYERS = [{"cli"}, {"stages", "tools", "plots"}, {"train", "downstream"}, {"encoder", "hear", "export"},
+          {"datasets", "data", "masks", "models"}]
+EXCEPTIONS = {("ajepa.config", "ajepa.datasets.registry"), ("ajepa.config", "ajepa.datasets.download")}
+
+
+def _layer(module: str) -> int:
+    if module == "ajepa":
+        return -1
+    first = module.split(".")[1]
+    return next((i for i, names in enumerate(LAYERS) if first in names), len(LAYERS))
+
+
+def test_imports_point_down_the_layers():
+    upward = []
+    for path in sorted((REPO / "ajepa").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith("ajepa"):
+                continue
+            targets = [f"ajepa.{a.name}" for a in node.names] if node.module == "ajepa" else [node.module]
+            upward += [f"{module} -> {t}" for t in targets
+                       if t != "ajepa.__version__" and _layer(t) < _layer(module) and (module, t) not in EXCEPTIONS]
+    assert upward == []
