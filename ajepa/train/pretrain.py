@@ -94,11 +94,8 @@ def build(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int, steps_per
 
 
 def build_mask_generator(cfg: PretrainConfig, grid: tuple[int, int], total_steps: int) -> MaskGenerator:
-    m = cfg.masking
-    return MaskGenerator(grid, mode=m.mode, total_steps=total_steps, seed=cfg.seed, num_targets=m.num_targets,
-                         target_scale=tuple(m.target_scale), target_aspect=tuple(m.target_aspect),
-                         context_scale=tuple(m.context_scale), tf_num_targets=m.tf_num_targets,
-                         tf_scale=tuple(m.tf_scale), min_keep=m.min_keep, curriculum_c0=m.curriculum_c0)
+    """The run's masks: the keys of pretrain.masking are MaskGenerator's arguments, word for word."""
+    return MaskGenerator(grid, total_steps=total_steps, seed=cfg.seed, **asdict(cfg.masking))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, context: torch.Tensor,
