@@ -181,6 +181,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _remove(tmp)
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a written file to the disk before it is renamed into place: without it a crash soon after
+    the rename can leave the new name pointing at unwritten blocks on some file systems (the rename is
+    atomic for the name, not for the data)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

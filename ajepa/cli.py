@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from ajepa import __version__
+from ajepa.choices import Encoder, names
 from ajepa.errors import AjepaError, Interrupted
 from ajepa.interrupt import StopSignals
 
+# Each command imports its own module when it is chosen (below): `ajepa --version`, `check`, `preset` and
+# the params tools then start without loading torch (seconds), and the pipeline tools (dvc, dvclive,
+# snakemake, matplotlib: an optional extra) only when a stage needs them.
 # what `pip install -e '.[pipeline]'` adds to the library: a stage that needs one names the remedy
 PIPELINE_MODULES = {"dvc", "dvclive", "snakemake", "matplotlib", "ruamel"}
 
@@ -33,7 +38,7 @@ def _add_embed(sub) -> None:
                    help="embeddings and paths; FILE.csv (index) and FILE.rejects.csv (unreadable clips) beside it")
     s.add_argument("--encoder", default="models/pretrain", metavar="PATH",
                    help="an export folder, or a folder of them (default: models/pretrain)")
-    s.add_argument("--which", choices=["context", "target"], default=None,
+    s.add_argument("--which", choices=names(Encoder), default=None,
                    help="the encoder of a folder of exports (default: downstream.encoder of --params if that "
                         "file exists, else context)")
     s.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default 16)")
@@ -218,8 +223,6 @@ def _run_tool(args) -> int:
         from ajepa.tools import embed  # --which may read --params itself
         print(embed.run(args))
     elif args.command == "gpu-check":
-        import json
-
         from ajepa.tools import gpucheck
         r = gpucheck.gpu_check(args.params, cpu=args.cpu)
         print(json.dumps(r))

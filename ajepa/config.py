@@ -19,6 +19,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ajepa.choices import (ClassifierLoss, Encoder, HeadInit, HeadNorm, Loss, LrScaling, MaskMode, Pooling,
+                           PredictorInit, Selection, Split)
 from ajepa.datasets.download import Checksum
 from ajepa.datasets.registry import REGISTRY
 from ajepa.errors import ConfigError
@@ -214,7 +216,7 @@ class PredictorConfig:
     embed_dim: int  # paper: 512
     depth: int  # paper: 16
     num_heads: int  # attention heads
-    init: Literal["trunc_normal", "xavier"]  # I-JEPA's trunc_normal(0.02), or MAE's decoder init
+    init: PredictorInit  # I-JEPA's trunc_normal(0.02), or MAE's decoder init
 
     def check(self, key: str) -> None:
         _positive(self, key, "embed_dim", "depth", "num_heads")
@@ -227,7 +229,7 @@ class PredictorConfig:
 class MaskingConfig:
     """Context and target masks (ajepa.masks): block (I-JEPA), time-frequency (paper) and the curriculum between them."""
 
-    mode: Literal["curriculum", "block", "tf", "inverse"]  # curriculum (paper) | block (I-JEPA) | tf (time-frequency) | inverse
+    mode: MaskMode  # curriculum (paper) | block (I-JEPA) | tf (time-frequency) | inverse
     curriculum_c0: float  # curriculum: probability of a TF step at step 0
     num_targets: int  # block mode (I-JEPA): 4
     target_scale: list[float]  # block targets: fraction of the patches per target [low, high]
@@ -256,7 +258,7 @@ class OptimConfig:
     epochs: int  # passes over the pretraining pool
     batch_size: int  # global batch, split evenly over torchrun processes
     lr: float  # peak learning rate after warmup, read as lr_scaling says
-    lr_scaling: Literal["absolute", "per_256"]  # absolute: lr is the peak (I-JEPA); per_256: a base lr, peak lr x batch_size / 256 (AudioMAE)
+    lr_scaling: LrScaling  # absolute: lr is the peak (I-JEPA); per_256: a base lr, peak lr x batch / 256 (AudioMAE)
     final_lr: float  # learning rate at the end of the cosine (absolute either way)
     warmup_epochs: float  # linear warmup, in epochs
     warmup_start: float  # the warmup's first lr, as a fraction of the peak (0: from 0; I-JEPA: 0.2)
@@ -294,7 +296,7 @@ class CurveProbeConfig:
     on the train/val clips (never the test clips) of each pretraining dataset that has labels."""
 
     every: int  # steps between probes, a multiple of log_every; 0 = no learning curve
-    encoders: list[Literal["target", "context"]]  # which encoders the curve probes: target, context or both
+    encoders: list[Encoder]  # which encoders the curve probes: target, context or both
     l2: list[float]  # logistic-regression strengths, the best on the validation clips kept (as `linear`)
 
     def check(self, key: str) -> None:
@@ -307,14 +309,14 @@ class PretrainConfig:
     """A-JEPA self-supervised pretraining."""
 
     datasets: list[str]  # feature stores under data/features/ whose clips are pooled for pretraining
-    splits: list[Literal["train", "val", "test", "pretrain"]]  # manifest splits used for pretraining
+    splits: list[Split]  # manifest splits used for pretraining
     seed: int  # initial weights, batch order and masks
     encoder: EncoderConfig
     predictor: PredictorConfig
     masking: MaskingConfig
     optim: OptimConfig
     augment: PretrainAugmentConfig
-    loss: Literal["l2", "smooth_l1"]  # paper: mean L2; smooth-L1 as in the I-JEPA code
+    loss: Loss  # paper: mean L2; smooth-L1 as in the I-JEPA code
     target_layers: int  # targets: the mean of the last K blocks' normalised outputs (paper and I-JEPA: 1)
     sigreg: float  # weight of LeJEPA's SIGReg term on the context tokens (paper: 0, off)
     probe: CurveProbeConfig
@@ -353,9 +355,9 @@ class FinetuneConfig:
     warmup_epochs: float  # linear warmup, in epochs
     weight_decay: float  # not on norms, biases, positional tables
     layer_decay: float  # layer-wise lr decay (AudioMAE 0.75): layer l of L gets lr * decay^(L + 1 - l)
-    pooling: Literal["all", "time"]  # head input: mean of every patch (AudioMAE) or over time, frequency kept
-    head_init: Literal["zero", "probe"]  # zero: AudioMAE's (std 2e-5); probe: the linear probe's solution (LP-FT)
-    head_norm: Literal["encoder", "fc_norm"]  # encoder: its final norm on every token, pool, LayerNorm; fc_norm: AudioMAE's (no final norm, LayerNorm after the pool)
+    pooling: Pooling  # head input: mean of every patch (AudioMAE) or over time, frequency kept
+    head_init: HeadInit  # zero: AudioMAE's (std 2e-5); probe: the linear probe's solution (LP-FT)
+    head_norm: HeadNorm  # encoder: its final norm on every token, pool, LayerNorm; fc_norm: AudioMAE's (no final norm, LayerNorm after the pool)
     drop_path: float  # stochastic depth (the deepest block's rate)
     key_mask_ratio: float  # regularized masking (paper 0.1); 0 disables
     specaug_time: int  # max frames of the one time mask per clip (AudioMAE timem); 0 disables
@@ -365,12 +367,12 @@ class FinetuneConfig:
     roll: bool  # random circular shift along time
     magnitude: bool  # waveform scaled by Beta(10, 10) + 0.5 (with roll: AudioMAE's roll_mag_aug)
     noise: bool  # AST's speech noise: uniform noise up to 0.1 and a shift of up to 10 frames
-    loss: Literal["ce", "bce"]  # ce (single-label) | bce (multi-label, or mixup on single-label as AudioMAE)
+    loss: ClassifierLoss  # ce (single-label) | bce (multi-label, or mixup on single-label as AudioMAE)
     label_smoothing: float  # ce targets (1 - s) one-hot + s / classes (AudioMAE's ESC-50 script: 0.1); 0 disables
     balanced_sampling: bool  # draw clips by class-balanced weights (AudioMAE AS-2M; SUPERB keyword spotting)
     balanced_replacement: bool  # draw with replacement (SUPERB) or no clip twice per epoch (AudioMAE AS-2M)
     samples_per_epoch: int  # clips drawn per epoch; 0 = one pass over the training clips
-    selection: Literal["val", "last"]  # val: the best epoch on the validation clips; last: they train too, last epoch
+    selection: Selection  # val: the best epoch on the validation clips; last: they train too, last epoch
     random_init_baseline: bool  # also fine-tune the same architecture from random init
     runs: int  # the first `runs` runs of the protocol (folds); 0 = all of them
     seed: int  # head init, batch order, augmentation and the random-init baseline's weights
@@ -417,7 +419,7 @@ class LinearConfig:
     """Frozen-encoder probes: logistic regression on pooled embeddings, and the attentive probe."""
 
     embed_batch_size: int  # clips per forward pass when embedding
-    pooling: Literal["time", "all"]  # time: mean over time, frequency kept (MSM-MAE, EVAR); all: mean of every patch
+    pooling: Pooling  # time: mean over time, frequency kept (MSM-MAE, EVAR); all: mean of every patch
     l2: list[float]  # L2 strengths tried; the best on the validation clips is kept
     max_iter: int  # L-BFGS iterations per strength
     block_mb: float  # MiB of embeddings read and fitted at a time; a set that fits in one block is held in memory
@@ -434,7 +436,7 @@ class LinearConfig:
 class DownstreamConfig:
     """What the linear probe, fine-tuning and the report take from pretraining."""
 
-    encoder: Literal["target", "context"]  # the EMA target encoder (I-JEPA evaluates it) or the context encoder
+    encoder: Encoder  # the EMA target encoder (I-JEPA evaluates it) or the context encoder
 
 
 @dataclass(frozen=True)

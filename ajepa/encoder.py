@@ -42,7 +42,7 @@ from ajepa.data.frontend import FrontEnd, normalize, pad_or_crop
 from ajepa.errors import AjepaError
 from ajepa.export import read_export
 from ajepa.models import SpectrogramEncoder, pool_tokens, time_patch_embeddings
-from ajepa.train.checkpoint import load_fitting
+from ajepa.models.state import load_fitting
 
 __all__ = ["AudioEncoder", "load_encoder", "spectrogram_encoder", "HOP_FRAMES"]
 
@@ -231,10 +231,7 @@ def load_encoder(path: str | os.PathLike = "models/pretrain", encoder: str | Non
         arch["grid"] = [target_length // arch["patch_size"], arch["grid"][1]]
     model = spectrogram_encoder(arch)
     load_fitting(model, state, str(where))  # one line naming the export when a tensor does not fit
-    stats = config.get("normalisation") or {}
-    mean, std = stats.get("mean") if mean is None else mean, stats.get("std") if std is None else std
-    if mean is None or std is None:
-        raise AjepaError(f"{where}: no normalisation statistics in the export (made before config.json): pass "
-                         "mean= and std=, those of the features the encoder was trained on")
+    stats = config["normalisation"]  # checked by read_export
+    mean, std = stats["mean"] if mean is None else mean, stats["std"] if std is None else std
     frontend = FrontEnd(**{k: config["frontend"][k] for k in _FRONTEND_ARGS})
     return AudioEncoder(model, mean, std, frontend, max_windows, {**config, "source": str(where)}).to(device)

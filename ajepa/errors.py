@@ -16,3 +16,9 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` of an exception from a library, for a one-line AjepaError."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

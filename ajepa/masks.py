@@ -59,10 +59,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ajepa.choices import MaskMode, check_choice
 from ajepa.seeding import torch_generator
 
 Grid = tuple[int, int]
-MODES = ("curriculum", "block", "tf", "inverse")
 
 
 @dataclass
@@ -189,7 +189,7 @@ class MaskGenerator:
     def __init__(
         self,
         grid: Grid,
-        mode: str = "curriculum",
+        mode: MaskMode = "curriculum",
         total_steps: int = 1,
         seed: int = 0,
         num_targets: int = 4,
@@ -200,16 +200,16 @@ class MaskGenerator:
         tf_scale: tuple[float, float] = (0.05, 0.075),
         min_keep: int = 10,
         max_tries: int = 20,
-        c0: float = 0.01,
+        curriculum_c0: float = 0.01,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_choice(mode, MaskMode, "mode")
         T, F = grid
         if T < 1 or F < 1 or T * F < 2:
             raise ValueError(f"grid {grid} needs at least 2 patches")
         if mode != "block" and T < 2:
             raise ValueError(f"TF masks need n_time >= 2, got grid {grid}")
-        self.grid, self.mode, self.total_steps, self.seed, self.c0 = (T, F), mode, total_steps, seed, c0
+        self.grid, self.mode, self.total_steps, self.seed = (T, F), mode, total_steps, seed
+        self.curriculum_c0 = curriculum_c0
         ctx = dict(context_scale=context_scale, min_keep=min_keep, max_tries=max_tries)
         self.block_kw = dict(num_targets=num_targets, scale=target_scale, aspect=target_aspect, **ctx)
         self.tf_kw = dict(num_targets=tf_num_targets, scale=tf_scale, **ctx)
@@ -220,7 +220,7 @@ class MaskGenerator:
     def _draw_mode(self, g: torch.Generator, step: int) -> str:
         if self.mode in ("block", "tf"):
             return self.mode
-        p = curriculum_probability(step, self.total_steps, self.c0)
+        p = curriculum_probability(step, self.total_steps, self.curriculum_c0)
         p_tf = p if self.mode == "curriculum" else 1.0 - p
         return "tf" if torch.rand((), generator=g, dtype=torch.float64).item() < p_tf else "block"
 

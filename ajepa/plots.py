@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from ajepa.atomic import atomic_path  # noqa: E402
@@ -84,7 +85,6 @@ def pretrain_curves_figure(curves_dir: Path):
 
 def read_curve(path: Path):
     """A DVCLive metric file (TSV: timestamp, step, value named after the metric) as a pandas Series by step."""
-    import pandas as pd
     table = pd.read_csv(path, sep="\t")
     return table.set_index("step")[path.stem]
 

@@ -158,7 +158,7 @@ def tiny_export(tmp_path_factory):
     models = root / "models" / "pretrain"
     pretrain(parse_params(params).pretrain, FeatureStore(store, ("pretrain",)),
              PretrainPaths({"context": models / "context", "target": models / "target"}, root / "state",
-                           root / "metrics.json"), init_distributed(), enable_progress=False)
+                           root / "metrics.json"), init_distributed())
     return models, store
 
 

@@ -65,7 +65,7 @@ def test_good_archive_extracts_with_inside_links(places, fmt):
     members = [("top/audio/a.wav", "file", b"A"), ("top/meta/x.csv", "file", b"x,y\n"),
                ("top/docs/audio", "sym", "../audio")]
     archive = _build(fmt, tmp / f"good.{fmt}", members)
-    assert extract([archive], target, show_progress=False) == 3
+    assert extract([archive], target) == 3
     assert (target / "top/audio/a.wav").read_bytes() == b"A"
     assert (target / "top/docs/audio/a.wav").read_bytes() == b"A"  # the link resolves inside
 
@@ -85,7 +85,7 @@ def test_hostile_member_refused_and_nothing_written_outside(places, fmt, case):
     }[case]
     archive = _build(fmt, tmp / f"evil.{fmt}", evil)
     with pytest.raises(UnsafeArchive) as e:
-        extract([archive], target, show_progress=False)
+        extract([archive], target)
     bad_name = evil[-1][0]
     assert repr(bad_name) in str(e.value) and "refus" in str(e.value)
     assert _files(outside) == []
@@ -96,14 +96,14 @@ def test_hard_link_out_of_tree_refused(places):
     tmp, target, outside = places
     archive = _tar(tmp / "hard.tar", [("h", "hard", "../outside/x")])
     with pytest.raises(UnsafeArchive, match="'h' links to '../outside/x'"):
-        extract([archive], target, show_progress=False)
+        extract([archive], target)
 
 
 def test_fifo_refused(places):
     tmp, target, _ = places
     archive = _tar(tmp / "fifo.tar", [("pipe", "fifo", None)])
     with pytest.raises(UnsafeArchive, match="'pipe' is a device or special file"):
-        extract([archive], target, show_progress=False)
+        extract([archive], target)
 
 
 def test_pieces_are_read_as_one_archive(places):
@@ -115,7 +115,7 @@ def test_pieces_are_read_as_one_archive(places):
     for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
         pieces.append(tmp / f"part{k}")
         pieces[-1].write_bytes(whole[a:b])
-    assert extract(pieces, target, show_progress=False) == 6
+    assert extract(pieces, target) == 6
     for name, _, payload in members:
         assert (target / name).read_bytes() == payload
 
@@ -125,4 +125,4 @@ def test_not_an_archive(places):
     junk = tmp / "junk.zip"
     junk.write_bytes(b"<html>404</html>")
     with pytest.raises(Exception, match="neither a zip nor a tar archive"):
-        extract([junk], target, show_progress=False)
+        extract([junk], target)

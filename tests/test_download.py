@@ -9,7 +9,7 @@ from loopback import Loopback
 from ajepa.datasets.download import Checksum, ChecksumMismatch, download
 from ajepa.errors import AjepaError
 
-FAST = dict(backoff_s=0.01, timeout_s=5, show_progress=False)
+FAST = dict(backoff_s=0.01, timeout_s=5)
 
 
 @pytest.fixture

@@ -273,13 +273,13 @@ def test_finetune_stage_drops_curves_of_runs_no_longer_configured(tmp_path):
 
 
 def test_embedding_shows_progress_only_when_named(capsys):
-    from ajepa.downstream.linear import embed, fbank_embeddings
+    from ajepa.downstream.linear import embed, fbank_batches
     from ajepa.models import SpectrogramEncoder
     x = torch.randn(10, 16, 16)
     task = Task("t", "splits", ["a", "b"], x, torch.zeros(10, dtype=torch.long), pd.DataFrame(), [], None)
-    assert fbank_embeddings(task, batch_size=4).shape == (10, 16)
+    assert np.concatenate(list(fbank_batches(task, batch_size=4))).shape == (10, 16)
     assert capsys.readouterr().err == ""  # the pretraining learning curve embeds quietly
-    fbank_embeddings(task, batch_size=4, desc="fbank synth")
+    list(fbank_batches(task, batch_size=4, desc="fbank synth"))
     assert "fbank synth" in capsys.readouterr().err
     encoder = SpectrogramEncoder((2, 2), 8, 16, 1, 2)
     assert embed(encoder, task, 4, torch.device("cpu"), desc="embed context").shape[0] == 10

@@ -68,7 +68,7 @@ def test_an_interrupted_run_resumes(tiny_export, audio_dir, tmp_path):
     models, _ = tiny_export
     model = ajepa.load_encoder(models)
     files = audio_files([str(audio_dir)])
-    embed_files(model, files, tmp_path / "straight.npz", batch_size=2, save_every=2, enable_progress=False)
+    embed_files(model, files, tmp_path / "straight.npz", batch_size=2, save_every=2)
     calls, embed = [], model.embed
 
     def interrupted(clips, sample_rate):
@@ -79,11 +79,11 @@ def test_an_interrupted_run_resumes(tiny_export, audio_dir, tmp_path):
 
     model.embed = interrupted
     with pytest.raises(KeyboardInterrupt):
-        embed_files(model, files, tmp_path / "emb.npz", batch_size=2, save_every=2, enable_progress=False)
+        embed_files(model, files, tmp_path / "emb.npz", batch_size=2, save_every=2)
     assert not (tmp_path / "emb.npz").exists() and len(list((tmp_path / "emb.npz.parts").glob("part-*"))) == 2
     calls.clear()
     model.embed = embed
-    r = embed_files(model, files, tmp_path / "emb.npz", batch_size=2, save_every=2, enable_progress=False)
+    r = embed_files(model, files, tmp_path / "emb.npz", batch_size=2, save_every=2)
     assert r["reused"] == 4 and r["clips"] == 7 and [p for p, _ in r["rejects"]] == [str(audio_dir / "broken.wav")]
     paths, emb = _read(tmp_path / "emb.npz")
     straight_paths, straight = _read(tmp_path / "straight.npz")
@@ -94,7 +94,7 @@ def test_an_interrupted_run_resumes(tiny_export, audio_dir, tmp_path):
     (audio_dir / "clip1.wav").unlink()
     files = audio_files([str(audio_dir)])
     model.embed = lambda clips, sr: (calls.append(len(clips)), embed(clips, sr))[1]
-    r = embed_files(model, files, tmp_path / "emb.npz", batch_size=8, save_every=8, enable_progress=False)
+    r = embed_files(model, files, tmp_path / "emb.npz", batch_size=8, save_every=8)
     assert r == {"clips": 7, "reused": 5, "rejects": r["rejects"]} and calls == [2]
     paths, emb = _read(tmp_path / "emb.npz")
     assert str(audio_dir / "new.wav") in paths and str(audio_dir / "clip1.wav") not in paths
@@ -106,7 +106,7 @@ def test_parts_of_another_encoder_are_refused(tiny_export, audio_dir, tmp_path, 
     models, _ = tiny_export
     files = audio_files([str(audio_dir / "clip0.wav"), str(audio_dir / "clip4.wav")])
     context = ajepa.load_encoder(models, "context")
-    embed_files(context, files, tmp_path / "emb.npz", enable_progress=False)
+    embed_files(context, files, tmp_path / "emb.npz")
     (tmp_path / "emb.npz.parts").mkdir()
     (tmp_path / "emb.npz").rename(tmp_path / "emb.npz.parts" / "part-00000.npz")
     args = ["embed", *map(str, files), "--out", str(tmp_path / "emb.npz"), "--encoder", str(models)]

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import REPO, load_repo_params
 
 from ajepa.config import load_params, parse_params
 from ajepa.data.frontend import FrontEnd
@@ -19,7 +20,6 @@ from ajepa.errors import ConfigError
 from ajepa.models import SpectrogramEncoder
 from ajepa.train import engine
 from ajepa.train.compute import without_compute_keys
-from conftest import REPO, load_repo_params
 
 CLASSES = ["low", "mid", "high", "top"]
 CPU = torch.device("cpu")

@@ -1,5 +1,6 @@
 """The HEAR API wrapper: hear-validator's checks, done directly, and the embeddings against the pipeline."""
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from ajepa.data.frontend import FrontEnd, normalize, pad_or_crop
 from ajepa.errors import AjepaError
 from ajepa.export import write_export
 from ajepa.models import SpectrogramEncoder, pool_tokens
-from ajepa.train.checkpoint import export_encoder
 
 SR = 16000
 # a window of 4 time patches (64 frames, 0.64 s): audio of a few seconds spans several windows
@@ -173,20 +173,17 @@ def test_errors(tmp_path, exported):
         hear.load_model(encoder_config={**TINY, "grid": [4, 4]})
     with pytest.raises(AjepaError, match="not found"):
         hear.load_model(str(tmp_path / "missing.safetensors"))
-    bad = tmp_path / "bad.safetensors"
+    bad = tmp_path / "bad/model.safetensors"
+    shutil.copytree(path, bad.parent)
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(AjepaError, match="corrupt"):
         hear.load_model(str(bad))
-    deeper = tmp_path / "deeper.safetensors"
-    export_encoder(deeper, SpectrogramEncoder(grid=(4, 8), embed_dim=32, depth=1, num_heads=2), {**TINY, "depth": 2})
+    deeper = tmp_path / "deeper"
+    write_export(deeper, SpectrogramEncoder(grid=(4, 8), embed_dim=32, depth=1, num_heads=2),
+                 {"encoder": "target", "architecture": {**TINY, "depth": 2}, "frontend": FRONTEND,
+                  "normalisation": STATS})
     with pytest.raises(AjepaError, match="do not fit"):
-        hear.load_model(str(deeper), **STATS)
-    # a weights file from before config.json: no silent fallback to someone else's statistics
-    legacy = tmp_path / "legacy.safetensors"
-    export_encoder(legacy, exported[1], TINY)
-    with pytest.raises(AjepaError, match="no normalisation statistics"):
-        hear.load_model(str(legacy))
-    assert hear.load_model(str(legacy), **STATS).mean == STATS["mean"]
+        hear.load_model(str(deeper))
     model = hear.load_model(str(path))
     with pytest.raises(AjepaError, match="n_sounds, n_samples"):
         hear.get_scene_embeddings(torch.zeros(16000), model)

@@ -15,7 +15,7 @@ from conftest import REPO, load_repo_params, make_project_copy, parse_dry_run, p
 
 from ajepa.config import parse_params
 from ajepa.errors import ConfigError
-from ajepa.train.checkpoint import load_encoder_state
+from ajepa.export import read_export
 from ajepa.train.distributed import launched, local_processes
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -71,9 +71,9 @@ def test_pretrain_launches_its_own_processes_and_matches_one(store_dir, tmp_path
     assert (m1["world_size"], m2["world_size"], m1["steps"], m2["steps"]) == (1, 2, 4, 4)
     assert math.isclose(m1["final_loss"], m2["final_loss"], rel_tol=1e-4)
     for which in ("context", "target"):
-        w1, c1 = load_encoder_state(one / f"models/pretrain/{which}/model.safetensors")
-        w2, c2 = load_encoder_state(two / f"models/pretrain/{which}/model.safetensors")
-        assert c1 == c2 and set(w1) == set(w2)
+        _, w1, c1 = read_export(one / f"models/pretrain/{which}")
+        _, w2, c2 = read_export(two / f"models/pretrain/{which}")
+        assert c1["architecture"] == c2["architecture"] and set(w1) == set(w2)
         for k in w1:
             assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), (which, k)
 

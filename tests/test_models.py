@@ -77,7 +77,7 @@ def test_encoder_shapes_and_sizes():
     assert enc16(torch.randn(1, 48, 32)).shape == (1, 6, 32)
     assert resolve_size({"size": "base", "depth": 2}) == dict(embed_dim=768, depth=2, num_heads=12)
     assert SIZES["large"] == dict(embed_dim=1024, depth=24, num_heads=16)
-    tiny = SpectrogramEncoder.from_size("tiny", (2, 2), patch_size=4, depth=1)
+    tiny = SpectrogramEncoder((2, 2), **resolve_size({"size": "tiny", "patch_size": 4, "depth": 1}))
     assert tiny.embed_dim == 192 and len(tiny.blocks) == 1
 
 

@@ -16,7 +16,7 @@ from ajepa.errors import AjepaError
 from ajepa.export import read_export
 from ajepa.models import AJEPA
 from ajepa.stages.tracking import open_live
-from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
+from ajepa.train.checkpoint import load_checkpoint
 from ajepa.train.distributed import init_distributed
 from ajepa.train.pretrain import PretrainPaths, pretrain
 
@@ -52,8 +52,7 @@ def _train(cfg, store_dir, out, **kw):
             log(step, metrics)
         return both
 
-    r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(), open_log=open_log,
-                 enable_progress=False, **kw)
+    r = pretrain(cfg, FeatureStore(store_dir, ("pretrain",)), _paths(out), init_distributed(), open_log=open_log, **kw)
     return r, losses
 
 
@@ -112,8 +111,8 @@ def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
     assert r2.start_step == 5 and r2.steps == len(straight)
     assert {**part1, **part2} == straight  # bit-identical: same batches, masks, RNG and optimiser state
     for which in ("context", "target"):
-        a, _ = load_encoder_state(tmp_path / f"a/{which}/model.safetensors")
-        b, _ = load_encoder_state(tmp_path / f"b/{which}/model.safetensors")
+        a = read_export(tmp_path / f"a/{which}")[1]
+        b = read_export(tmp_path / f"b/{which}")[1]
         assert all(torch.equal(a[k], b[k]) for k in a)
         for name in ("config.json", "README.md"):  # the export records the run, not when it was made
             assert (tmp_path / f"a/{which}/{name}").read_bytes() == (tmp_path / f"b/{which}/{name}").read_bytes()
@@ -216,7 +215,7 @@ def test_torchrun_two_processes_match_one(store_dir, tmp_path):
         r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         results[name] = (json.loads((root / "results/pretrain/metrics.json").read_text()),
-                         load_encoder_state(root / "models/pretrain/context/model.safetensors")[0])
+                         read_export(root / "models/pretrain/context")[1])
     m1, w1 = results["single"]
     for name in ("ddp", "ddp_micro"):
         m2, w2 = results[name]

@@ -15,7 +15,8 @@ import torch
 import yaml
 from conftest import pool_features, tiny_params
 
-from ajepa.train.checkpoint import load_checkpoint, load_encoder_state
+from ajepa.export import read_export
+from ajepa.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups on CPU")
 
@@ -61,8 +62,8 @@ def _pretrain(root, *args) -> subprocess.CompletedProcess:
 
 def _assert_same_weights(a, b) -> None:
     for which in ("context", "target"):
-        w1, _ = load_encoder_state(a / f"models/pretrain/{which}/model.safetensors")
-        w2, _ = load_encoder_state(b / f"models/pretrain/{which}/model.safetensors")
+        w1 = read_export(a / f"models/pretrain/{which}")[1]
+        w2 = read_export(b / f"models/pretrain/{which}")[1]
         for k in w1:
             assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), (which, k)
 

@@ -11,16 +11,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ajepa.errors import AjepaError
+from ajepa.export import read_export, write_export
 from ajepa.models import AJEPA, SpectrogramEncoder
-from ajepa.train.checkpoint import (
-    config_hash,
-    export_encoder,
-    load_checkpoint,
-    load_encoder_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from ajepa.train.checkpoint import config_hash, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ajepa.train.distributed import all_reduce_mean, cleanup, init_distributed
 from ajepa.train.schedules import CosineWeightDecay, LinearMomentum, WarmupCosine, param_groups
 
@@ -213,18 +206,21 @@ def test_encoder_export_round_trip(tmp_path):
             super().__init__()
             self.module = module
 
-    config = {**ENC, "grid": list(ENC["grid"]), "patch_size": 16}
-    export_encoder(tmp_path / "encoder.safetensors", Wrapped(encoder), config)
-    state, loaded_config = load_encoder_state(tmp_path / "encoder.safetensors")
-    assert loaded_config == config
-    fresh = SpectrogramEncoder(**loaded_config)
+    architecture = {**ENC, "grid": list(ENC["grid"]), "patch_size": 16}
+    frontend = {"sample_rate": 16000, "num_mel_bins": 32, "frame_shift_ms": 10.0, "frame_length_ms": 25.0,
+                "target_length": 64}
+    write_export(tmp_path / "encoder", Wrapped(encoder), {"encoder": "context", "architecture": architecture,
+                                                          "frontend": frontend, "normalisation": {"mean": 0, "std": 1}})
+    where, state, config = read_export(tmp_path / "encoder" / "model.safetensors")
+    assert where == tmp_path / "encoder" and config["architecture"] == architecture
+    fresh = SpectrogramEncoder(**{**architecture, "grid": tuple(architecture["grid"])})
     fresh.load_state_dict(state, strict=True)
     x = torch.randn(2, 64, 32)
     encoder.eval(), fresh.eval()
     assert torch.equal(encoder(x), fresh(x))
-    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(AjepaError, match="bad.safetensors"):
-        load_encoder_state(tmp_path / "bad.safetensors")
+    (tmp_path / "encoder/model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(AjepaError, match="encoder/model.safetensors: corrupt or truncated"):
+        read_export(tmp_path / "encoder")
 
 
 def test_config_hash_is_canonical():

@@ -58,11 +58,13 @@ def test_snakemake_refuses_parameters_that_params_yaml_does_not_hold(tmp_path):
 
 # Modules that decide how parameters are read, where and how files are written, how progress is
 # shown and how many cores run it, not what a stage computes: depending on them would rerun the
-# whole pipeline on any edit. The package's __init__ holds the version and imports `load_encoder`
-# on first use, for users. The run's guards are infrastructure too: the state-folder lock, the signal
-# handling and the finiteness checks stop a run or let it go on, and never change what it computes.
-INFRASTRUCTURE = {"ajepa/__init__.py", "ajepa/config.py", "ajepa/errors.py", "ajepa/atomic.py", "ajepa/paths.py",
-                  "ajepa/progress.py", "ajepa/cpus.py", "ajepa/lock.py", "ajepa/interrupt.py",
+# whole pipeline on any edit. The vocabularies params.yaml chooses from (choices.py) were config.py's;
+# a new word comes with the code that implements it, in a module the stage depends on. The package's
+# __init__ holds the version and imports `load_encoder` on first use, for users. The run's guards are
+# infrastructure too: the state-folder lock, the signal handling and the finiteness checks stop a run
+# or let it go on, and never change what it computes.
+INFRASTRUCTURE = {"ajepa/__init__.py", "ajepa/config.py", "ajepa/choices.py", "ajepa/errors.py", "ajepa/atomic.py",
+                  "ajepa/paths.py", "ajepa/progress.py", "ajepa/cpus.py", "ajepa/lock.py", "ajepa/interrupt.py",
                   "ajepa/train/finite.py"}
 
 

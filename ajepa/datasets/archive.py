@@ -96,7 +96,7 @@ def open_archive(paths: list[Path]) -> BinaryIO:
     return io.BufferedReader(ConcatenatedFile(paths), buffer_size=1 << 20)
 
 
-def extract(paths: list[Path], target: Path, label: str | None = None, show_progress: bool = True) -> int:
+def extract(paths: list[Path], target: Path, label: str | None = None) -> int:
     """Extract a zip or tar archive (given as one file or its pieces, in order) into `target`.
 
     Returns the number of members written. The format is detected from the content, not the name.
@@ -110,7 +110,7 @@ def extract(paths: list[Path], target: Path, label: str | None = None, show_prog
         with open_archive(paths) as stream:
             if zipfile.is_zipfile(stream):
                 stream.seek(0)
-                return _extract_zip(stream, target, label, show_progress)
+                return _extract_zip(stream, target, label)
             stream.seek(0)
             try:
                 tar = tarfile.open(fileobj=stream, mode="r:*")
@@ -118,7 +118,7 @@ def extract(paths: list[Path], target: Path, label: str | None = None, show_prog
                 raise BrokenArchive(f"{label}: neither a zip nor a tar archive (truncated or not an archive?): "
                                     f"{remedy}") from None
             with tar:
-                return _extract_tar(tar, target, label, show_progress)
+                return _extract_tar(tar, target, label)
     except _BROKEN as e:
         raise BrokenArchive(f"{label}: truncated or corrupt archive ({type(e).__name__}: {e}): {remedy}") from None
     except OSError as e:
@@ -174,9 +174,9 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path,
         raise UnsafeArchive(f"{label}: member {member.name!r} refused: {e}") from None
 
 
-def _extract_tar(tar: tarfile.TarFile, target: Path, label: str, show_progress: bool) -> int:
+def _extract_tar(tar: tarfile.TarFile, target: Path, label: str) -> int:
     count = 0
-    with progress(None, f"extract {label}", "file", enabled=show_progress) as bar:
+    with progress(None, f"extract {label}", "file") as bar:
         for member in tar:
             dest = _member_path(member.name, target, label)
             if dest is None:
@@ -191,11 +191,11 @@ def _extract_tar(tar: tarfile.TarFile, target: Path, label: str, show_progress: 
     return count
 
 
-def _extract_zip(stream: BinaryIO, target: Path, label: str, show_progress: bool) -> int:
+def _extract_zip(stream: BinaryIO, target: Path, label: str) -> int:
     count = 0
     with zipfile.ZipFile(stream) as zf:
         infos = zf.infolist()
-        with progress(len(infos), f"extract {label}", "file", enabled=show_progress) as bar:
+        with progress(len(infos), f"extract {label}", "file") as bar:
             for info in infos:
                 dest = _member_path(info.filename, target, label)
                 bar.update(1)

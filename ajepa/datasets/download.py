@@ -77,13 +77,13 @@ def file_digests(path: Path, algorithms: tuple[str, ...] = ("sha256",), show_pro
     return {a: h.hexdigest() for a, h in hashers.items()}
 
 
-def verify(path: Path, size: int | None, checksum: Checksum | None, show_progress: bool = True) -> dict[str, str]:
+def verify(path: Path, size: int | None, checksum: Checksum | None) -> dict[str, str]:
     """Check size then digest; return {"sha256": ..., and the checked algorithm} or raise ChecksumMismatch."""
     got_size = path.stat().st_size
     if size is not None and got_size != size:
         raise ChecksumMismatch(f"{path}: size mismatch: expected {size} bytes, got {got_size}")
     algorithms = ("sha256",) if checksum is None or checksum.algorithm == "sha256" else ("sha256", checksum.algorithm)
-    digests = file_digests(path, algorithms, show_progress)
+    digests = file_digests(path, algorithms, show_progress=True)
     if checksum is not None and digests[checksum.algorithm] != checksum.hexdigest:
         raise ChecksumMismatch(f"{path}: {checksum.algorithm} mismatch: expected {checksum.hexdigest}, "
                                f"got {digests[checksum.algorithm]}")
@@ -91,8 +91,7 @@ def verify(path: Path, size: int | None, checksum: Checksum | None, show_progres
 
 
 def download(url: str, dest: Path, size: int | None = None, checksum: Checksum | None = None, *,
-             retries: int = RETRIES, backoff_s: float = BACKOFF_S, timeout_s: float = TIMEOUT_S,
-             show_progress: bool = True) -> dict[str, str]:
+             retries: int = RETRIES, backoff_s: float = BACKOFF_S, timeout_s: float = TIMEOUT_S) -> dict[str, str]:
     """Make `dest` a verified copy of `url`; return its digests (always sha256).
 
     An existing `dest` that verifies is kept without touching the network; one that does not is set
@@ -103,13 +102,13 @@ def download(url: str, dest: Path, size: int | None = None, checksum: Checksum |
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         try:
-            return verify(dest, size, checksum, show_progress)
+            return verify(dest, size, checksum)
         except ChecksumMismatch:
             set_aside(dest)
     part = dest.with_name(dest.name + ".part")
-    _fetch(url, part, size, checksum is not None, retries, backoff_s, timeout_s, show_progress)
+    _fetch(url, part, size, checksum is not None, retries, backoff_s, timeout_s)
     try:
-        digests = verify(part, size, checksum, show_progress)
+        digests = verify(part, size, checksum)
     except ChecksumMismatch as e:
         kept = set_aside(part, dest.name)
         raise ChecksumMismatch(f"{url}: {str(e).split(': ', 1)[1]}; the download is set aside as {kept} "
@@ -127,11 +126,11 @@ def set_aside(path: Path, name: str | None = None) -> Path:
 
 
 def _fetch(url: str, part: Path, size: int | None, has_checksum: bool, retries: int, backoff_s: float,
-           timeout_s: float, show_progress: bool) -> None:
+           timeout_s: float) -> None:
     """Bring `part` to the full length of `url`, resuming and retrying."""
     failures = 0
     have = part.stat().st_size if part.exists() else 0
-    bar = progress(size, f"download {part.name[:-5]}", "B", enabled=show_progress, unit_scale=True,
+    bar = progress(size, f"download {part.name[:-5]}", "B", unit_scale=True,
                    unit_divisor=1024, initial=have)
     try:
         while True:

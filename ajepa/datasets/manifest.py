@@ -30,6 +30,7 @@ import pandas as pd
 import soundfile as sf
 
 from ajepa.atomic import write_csv, write_json
+from ajepa.choices import Split, names
 from ajepa.errors import AjepaError
 from ajepa.paths import escapes
 from ajepa.progress import progress
@@ -37,7 +38,7 @@ from ajepa.progress import progress
 COLUMNS = ["clip_id", "path", "labels", "fold", "split", "duration_s", "sample_rate"]
 MISSING_COLUMNS = ["clip_id", "split", "listed_in", "reason"]
 LABEL_SEPARATOR = ";"
-SPLITS = ("train", "val", "test", "pretrain")
+SPLITS = names(Split)
 # splits whose clips feed the normalisation statistics: the labeled training data and the unlabeled pool
 STATS_SPLITS = ("train", "pretrain")
 

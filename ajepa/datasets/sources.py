@@ -58,13 +58,13 @@ def file_url(file: RemoteFile, mirror: str | None) -> str:
 
 
 def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None = None, mirror: str | None = None,
-           checksums: dict[str, str] | None = None, show_progress: bool = True) -> Located:
+           checksums: dict[str, str] | None = None) -> Located:
     """Make every part of `info` available; archives are extracted under `workdir` (part.subdir)."""
     checksums = checksums or {}
     located = Located()
     if source is None:
         for part in info.parts:
-            _download_part(info, part, workdir, downloads, mirror, checksums, located, show_progress)
+            _download_part(info, part, workdir, downloads, mirror, checksums, located)
         return located
 
     src = Path(source)
@@ -75,8 +75,8 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
             raise AjepaError(f"source {source}: {info.name} is distributed as several files "
                              f"({', '.join(info.file_names)}); give a directory holding them (or their extracted copies)")
         (part,), f = info.parts, info.parts[0].files[0]
-        located.records.append(_check_local(info.name, f, src, checksums, show_progress))
-        _install(info, part, [src], workdir, located, show_progress)
+        located.records.append(_check_local(info.name, f, src, checksums))
+        _install(info, part, [src], workdir, located)
         return located
 
     # find every part before verifying or extracting anything: a missing one fails in seconds
@@ -95,12 +95,12 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
     for part, files, root in plan:
         if files is not None:
             for f, path in files:
-                located.records.append(_check_local(info.name, f, path, checksums, show_progress))
-            _install(info, part, [p for _, p in files], workdir, located, show_progress)
+                located.records.append(_check_local(info.name, f, path, checksums))
+            _install(info, part, [p for _, p in files], workdir, located)
         elif part.kind == "file":
             f = part.files[0]
-            located.records.append(_check_local(info.name, f, root / part.marker, checksums, show_progress))
-            _install(info, part, [root / part.marker], workdir, located, show_progress)
+            located.records.append(_check_local(info.name, f, root / part.marker, checksums))
+            _install(info, part, [root / part.marker], workdir, located)
         else:
             located.roots[part.name] = root
             located.in_place[part.name] = root
@@ -108,16 +108,16 @@ def obtain(info: DatasetInfo, workdir: Path, downloads: Path, source: str | None
 
 
 def _download_part(info: DatasetInfo, part: Part, workdir: Path, downloads: Path, mirror: str | None,
-                   checksums: dict[str, str], located: Located, show_progress: bool) -> None:
+                   checksums: dict[str, str], located: Located) -> None:
     files = []
     for f in part.files:
         dest = downloads / f.name
         digests = download(file_url(f, mirror), dest, expected_size(f, checksums),
-                           expected_checksum(f, checksums), show_progress=show_progress)
+                           expected_checksum(f, checksums))
         located.records.append(_record(f, file_url(f, mirror), dest, digests, expected_checksum(f, checksums)))
         files.append(dest)
     try:
-        _install(info, part, files, workdir, located, show_progress)
+        _install(info, part, files, workdir, located)
     except BrokenArchive as e:
         unverified = [d for f, d in zip(part.files, files)
                       if expected_checksum(f, checksums) is None and expected_size(f, checksums) is None]
@@ -168,8 +168,7 @@ def _subdirs(d: Path) -> list[Path]:
         return []
 
 
-def _install(info: DatasetInfo, part: Part, files: list[Path], workdir: Path, located: Located,
-             show_progress: bool) -> None:
+def _install(info: DatasetInfo, part: Part, files: list[Path], workdir: Path, located: Located) -> None:
     target = workdir / part.subdir
     if part.kind == "file":
         target.mkdir(parents=True, exist_ok=True)
@@ -177,8 +176,7 @@ def _install(info: DatasetInfo, part: Part, files: list[Path], workdir: Path, lo
         shutil.copyfile(files[0], dest)
         located.roots[part.name] = dest
         return
-    extract(files, target, label=files[0].name if len(files) == 1 else f"{info.name} {part.name} pieces",
-            show_progress=show_progress)
+    extract(files, target, label=files[0].name if len(files) == 1 else f"{info.name} {part.name} pieces")
     root = find_marker(target, part.marker)
     if root is None:
         raise AjepaError(f"{files[0]}: extracted, but no {part.marker} in it: not the {info.name} {part.name!r} "
@@ -186,13 +184,12 @@ def _install(info: DatasetInfo, part: Part, files: list[Path], workdir: Path, lo
     located.roots[part.name] = root
 
 
-def _check_local(dataset: str, file: RemoteFile | None, path: Path, checksums: dict[str, str],
-                 show_progress: bool) -> dict:
+def _check_local(dataset: str, file: RemoteFile | None, path: Path, checksums: dict[str, str]) -> dict:
     """Verify a user's file against the published (or configured) size and checksum; a file without
     a registry entry (the joined pieces) is only hashed."""
     checksum = expected_checksum(file, checksums) if file else None
     try:
-        digests = verify(path, expected_size(file, checksums) if file else None, checksum, show_progress)
+        digests = verify(path, expected_size(file, checksums) if file else None, checksum)
     except ChecksumMismatch as e:
         key = f"datasets.{dataset}.prepare.checksums"
         fix = (f"correct or remove its entry in {key}" if file.name in checksums else

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from ajepa.downstream.metrics import SECONDARY
-from ajepa.models import SpectrogramEncoder
 from ajepa.export import read_export
-from ajepa.train.checkpoint import file_sha256, load_fitting
+from ajepa.models import SpectrogramEncoder
+from ajepa.models.state import load_fitting
+from ajepa.train.checkpoint import file_sha256
 
 __all__ = ["build_encoder", "file_sha256", "summarize", "summary_lines", "ENCODER_KEYS"]
 

@@ -42,7 +42,7 @@ from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder, pool_tokens
 from ajepa.progress import progress
 
-__all__ = ["pooled_batches", "embed", "token_batches", "fbank_batches", "fbank_embeddings",
+__all__ = ["pooled_batches", "embed", "token_batches", "fbank_batches",
            "cached_embeddings", "block_rows", "standardisation", "Blocks", "fit_blocks", "fit_logistic", "fit_probe",
            "fit_attentive", "AttentiveProbe", "evaluate_embeddings", "evaluate_tokens", "validation_probe"]
 
@@ -80,11 +80,6 @@ def fbank_batches(task: Task, batch_size: int = 256, desc: str | None = None) ->
             batch = task.clips(range(s, min(s + batch_size, len(task.y)))).mean(dim=1).numpy()
             yield batch
             bar.update(len(batch))
-
-
-def fbank_embeddings(task: Task, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
-    """fbank_batches in one array [N, mel bins]."""
-    return np.concatenate(list(fbank_batches(task, batch_size, desc)))
 
 
 @torch.no_grad()

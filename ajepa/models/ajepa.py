@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ajepa.choices import Loss, check_choice
+
 from .vit import Predictor, SpectrogramEncoder, gather_tokens, resolve_size
 
 __all__ = ["AJEPA", "PositionOnlyPredictor", "effective_rank", "sigreg"]
@@ -16,11 +18,10 @@ class AJEPA(nn.Module):
     """encoder_kwargs: SpectrogramEncoder kwargs (grid required; `size` allowed).
     predictor_kwargs: Predictor kwargs without grid/encoder_dim (taken from the encoder)."""
 
-    def __init__(self, encoder_kwargs: dict, predictor_kwargs: dict | None = None, loss: str = "l2",
+    def __init__(self, encoder_kwargs: dict, predictor_kwargs: dict | None = None, loss: Loss = "l2",
                  target_layers: int = 1, sigreg: float = 0.0):
         super().__init__()
-        if loss not in ("l2", "smooth_l1"):
-            raise ValueError(f"loss must be 'l2' or 'smooth_l1', got {loss!r}")
+        check_choice(loss, Loss, "loss")
         self.loss_type = loss
         self.target_layers, self.sigreg_weight = int(target_layers), float(sigreg)
         self.last_target: torch.Tensor | None = None

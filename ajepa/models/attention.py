@@ -1,4 +1,5 @@
-"""Regularized masking for fine-tuning (A-JEPA, arXiv 2311.15830; ratio 10% in the paper).
+"""The encoder's transformer block, with regularized masking for fine-tuning (A-JEPA, arXiv 2311.15830;
+ratio 10% in the paper). Every encoder block is a KeyMaskBlock; with a ratio of 0 it is timm's Block.
 
 A-JEPA fine-tunes "with a regularized masking ... instead of input dropping or zero":
 rather than removing patches from the input (AudioMAE/SpecAugment-style), a random subset

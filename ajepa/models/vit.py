@@ -15,9 +15,11 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from ajepa.choices import Pooling, PredictorInit, check_choice
+
 from .attention import KeyMaskBlock, random_key_mask
 
-__all__ = ["SIZES", "PREDICTOR_INITS", "POOLINGS", "resolve_size", "sincos_pos_embed_2d", "gather_tokens", "pool_tokens",
+__all__ = ["SIZES", "resolve_size", "sincos_pos_embed_2d", "gather_tokens", "pool_tokens",
            "time_patch_embeddings", "init_vit_weights", "SpectrogramEncoder", "Predictor", "set_activation_checkpointing"]
 
 # ViT sizes (embed_dim, depth, num_heads) as in ViT/MAE/I-JEPA; A-JEPA's main model is "base".
@@ -74,7 +76,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 #           the EVAR benchmark use for frozen audio ViTs: it keeps where in frequency the energy is.
 #   "all"   mean over every patch: [B, D] (AudioMAE's fine-tuning head). Every frequency band then goes
 #           through one average of the same patch projection, so a probe no longer sees the band.
-POOLINGS = ("time", "all")
+# (the words: ajepa.choices.Pooling)
 
 
 def time_patch_embeddings(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -84,19 +86,17 @@ def time_patch_embeddings(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.
     return tokens.reshape(B, grid[0], grid[1] * D)
 
 
-def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pooling: str) -> torch.Tensor:
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pooling: Pooling) -> torch.Tensor:
     """Encoder output [B, n_time * n_freq, D] (time-major) -> [B, n_freq * D] ("time": the mean of the
     time-patch embeddings) or [B, D] ("all")."""
+    check_choice(pooling, Pooling, "pooling")
     if pooling == "all":
         return tokens.mean(dim=1)
-    if pooling != "time":
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     return time_patch_embeddings(tokens, grid).mean(dim=1)
 
 
 # How the predictor's Linear layers start: "trunc_normal" is I-JEPA's (init_vit_weights below);
-# "xavier" is MAE's decoder init, xavier_uniform for every Linear and zero biases.
-PREDICTOR_INITS = ("trunc_normal", "xavier")
+# "xavier" is MAE's decoder init, xavier_uniform for every Linear and zero biases (ajepa.choices.PredictorInit).
 
 
 def init_vit_weights(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> None:
@@ -157,10 +157,6 @@ class SpectrogramEncoder(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
-    @classmethod
-    def from_size(cls, size: str, grid: tuple[int, int], **kwargs) -> "SpectrogramEncoder":
-        return cls(grid, **resolve_size({"size": size, **kwargs}))
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, F] -> pos-embedded patch tokens [B, N, D]."""
         return self.patch_embed(x.unsqueeze(1)) + self.pos_embed
@@ -214,10 +210,9 @@ class Predictor(nn.Module):
 
     def __init__(self, grid: tuple[int, int], encoder_dim: int, predictor_dim: int = 512, depth: int = 16,
                  num_heads: int = 16, mlp_ratio: float = 4.0, drop_path: float = 0.0, qkv_bias: bool = True,
-                 init: str = "trunc_normal"):
+                 init: PredictorInit = "trunc_normal"):
         super().__init__()
-        if init not in PREDICTOR_INITS:
-            raise ValueError(f"predictor init must be one of {PREDICTOR_INITS}, got {init!r}")
+        check_choice(init, PredictorInit, "predictor init")
         self.grid = tuple(grid)
         self.activation_checkpointing = False  # see set_activation_checkpointing
         self.embed = nn.Linear(encoder_dim, predictor_dim)

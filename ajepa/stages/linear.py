@@ -22,6 +22,7 @@ import torch
 
 from ajepa import paths
 from ajepa.atomic import write_json
+from ajepa.choices import Encoder, names
 from ajepa.config import Params
 from ajepa.device import pick_device
 from ajepa.downstream.common import build_encoder, file_sha256, summary_lines
@@ -29,13 +30,11 @@ from ajepa.downstream.linear import (cached_embeddings, evaluate_embeddings, eva
                                      pooled_batches, token_batches)
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
-from ajepa.export import WEIGHTS, read_export
+from ajepa.export import WEIGHTS, read_config
 from ajepa.lock import state_lock
 from ajepa.stages.outcome import recorded_failure
 from ajepa.stages.tracking import write_timing
 from ajepa.train.checkpoint import config_hash
-
-ENCODERS = ("target", "context")
 
 
 class EmbeddingCache:
@@ -93,14 +92,14 @@ def _probe(task, cache: EmbeddingCache, cfg, label: str, make_encoder, with_toke
 def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCache, device: torch.device) -> dict:
     """Every row of the stage (see the module docstring), in report order, embedding on `device`."""
     grid, attentive, rows = tuple(task.store.stats["grid"]), cfg.attentive.epochs > 0, {}
-    for which in (chosen, *(e for e in ENCODERS if e != chosen)):
+    for which in (chosen, *(e for e in names(Encoder) if e != chosen)):
         path = encoder_paths[which]
         r = _probe(task, cache, cfg, f"{which}-{file_sha256(path / WEIGHTS)[:12]}", lambda: build_encoder(path, grid),
                    attentive and which == chosen, f"the {which} encoder {path / WEIGHTS}", device)
         rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
         if "attentive" in r:
             rows["attentive"] = r["attentive"]
-    arch = {k: v for k, v in read_export(encoder_paths[chosen])[2]["architecture"].items() if k != "grid"}
+    arch = {k: v for k, v in read_config(encoder_paths[chosen])[1]["architecture"].items() if k != "grid"}
     r = _probe(task, cache, cfg, f"random_init-{config_hash({'arch': arch, 'seed': cfg.seed})[:12]}",
                lambda: build_encoder(encoder_paths[chosen], grid, random_init=True, seed=cfg.seed), attentive,
                f"the untrained encoder (seed {cfg.seed})", device)
@@ -122,11 +121,11 @@ def run(params: Params, benchmark: str) -> str:
 
 def _run(params: Params, benchmark: str, device: torch.device) -> str:
     cfg, chosen = params.linear, params.downstream.encoder
-    encoder_paths = {which: paths.pretrained_encoder(which) for which in ENCODERS}
+    encoder_paths = {which: paths.pretrained_encoder(which) for which in names(Encoder)}
     for path in encoder_paths.values():
         if not path.exists():
             raise AjepaError(f"{path}: no pretrained encoder (run `ajepa pretrain` first)")
-    width = read_export(encoder_paths[chosen])[2]["architecture"]["embed_dim"]
+    width = read_config(encoder_paths[chosen])[1]["architecture"]["embed_dim"]
     if cfg.attentive.epochs and width % cfg.attentive.num_heads:
         raise AjepaError(f"linear.attentive.num_heads: {cfg.attentive.num_heads} does not divide the width of the "
                          f"{chosen} encoder ({width}): use one of its divisors")

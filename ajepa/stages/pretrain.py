@@ -13,10 +13,13 @@ import torch
 
 from ajepa import paths
 from ajepa.atomic import write_json
+from ajepa.choices import Encoder, names
 from ajepa.config import Params
 from ajepa.data.staging import expand_target, stage_store
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.device import pick_device
+from ajepa.downstream.linear import validation_probe
+from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.interrupt import StopSignals
 from ajepa.lock import state_lock
@@ -27,12 +30,10 @@ from ajepa.stages.tracking import open_live, write_timing
 from ajepa.train.distributed import DistInfo, cleanup, init_distributed, launch, launched, local_processes
 from ajepa.train.pretrain import PretrainPaths, PretrainResult, build_mask_generator, pretrain
 
-ENCODERS = ("context", "target")
-
 
 def output_paths() -> PretrainPaths:
-    return PretrainPaths(encoders={k: paths.pretrained_encoder(k) for k in ENCODERS}, state=paths.pretrain_state_dir(),
-                         metrics=paths.pretrain_results() / "metrics.json")
+    return PretrainPaths(encoders={k: paths.pretrained_encoder(k) for k in names(Encoder)},
+                         state=paths.pretrain_state_dir(), metrics=paths.pretrain_results() / "metrics.json")
 
 
 def pool(params: Params) -> StoreUnion:
@@ -61,8 +62,6 @@ def learning_curve(params: Params, device: torch.device):
     each configured encoder on the labeled clips of each pretraining dataset that has them, or None when
     pretrain.probe.every is 0 or no pretraining dataset is labeled."""
     cfg = params.pretrain.probe
-    from ajepa.downstream.linear import validation_probe
-    from ajepa.downstream.protocols import load_task
     labeled = [d for d in params.pretrain.datasets if FeatureStore(paths.features_dir(d)).stats.get("classes")]
     if not cfg.every or not labeled:
         return None

@@ -13,6 +13,7 @@ from ajepa.config import Params
 from ajepa.datasets.registry import PAPER_RESULTS
 from ajepa.downstream.metrics import SECONDARY
 from ajepa.errors import AjepaError
+from ajepa.plots import learning_curves, plot_benchmark_bars, plot_learning_curve, plot_pretrain_curves
 from ajepa.stages.outcome import FAILED
 from ajepa.train.schedules import peak_lr
 
@@ -132,7 +133,6 @@ def run(params: Params) -> str:
     write_json(out / "summary.json", {b: {**rows, **({"problems": problems[b]} if b in problems else {})}
                                       for b, rows in summary.items()})
 
-    from ajepa.plots import learning_curves, plot_benchmark_bars, plot_learning_curve, plot_pretrain_curves
     metrics_dir = paths.pretrain_live_dir() / "plots" / "metrics"
     plot_pretrain_curves(metrics_dir / "train", out / "plots" / "pretrain.png")
     curves = learning_curves(metrics_dir)

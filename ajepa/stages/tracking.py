@@ -55,7 +55,7 @@ def open_live(live_dir: Path, timing_dir: Path | None = None):
     """open_log(start_step) for the library's training loops: log(step, metrics) into a DVCLive directory
     that keeps the rows before `start_step` and appends (DVCLive writes its files at every step). The
     THROUGHPUT metrics go to a second one, `timing_dir`, or nowhere."""
-    from dvclive import Live
+    from dvclive import Live  # the pipeline extra: imported by the training stages only, when they log
 
     def opened(folder: Path, start_step: int):
         prune_live(folder, start_step)

@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 
 from ajepa.atomic import atomic_path, check_replaceable, make_parent, write_csv
+from ajepa.config import load_params
 from ajepa.data.frontend import UnreadableAudio
 from ajepa.datasets.walk import walk_files
 from ajepa.device import pick_device
 from ajepa.encoder import AudioEncoder, load_encoder
 from ajepa.errors import AjepaError
-from ajepa.export import CONFIG, weights_file
+from ajepa.export import CONFIG, WEIGHTS
 from ajepa.progress import progress
 from ajepa.train.checkpoint import file_sha256
 
@@ -73,7 +74,7 @@ def _not_audio(path: Path) -> str | None:
 def _identity(model: AudioEncoder) -> str:
     """What the embeddings depend on besides the audio: the weights, statistics and window."""
     source = Path(model.config["source"])
-    return json.dumps({"export": str(source), "weights_sha256": file_sha256(weights_file(source)),
+    return json.dumps({"export": str(source), "weights_sha256": file_sha256(source / WEIGHTS),
                        "mean": model.mean, "std": model.std, "window_frames": model.window_frames}, sort_keys=True)
 
 
@@ -131,7 +132,7 @@ def _write_outputs(out: Path, rows: list[tuple], rejects: list[tuple[str, str]],
 
 
 def embed_files(model: AudioEncoder, files: list[Path], out: str | Path, batch_size: int = 16,
-                save_every: int = 256, enable_progress: bool = True) -> dict:
+                save_every: int = 256) -> dict:
     """Scene embeddings of `files` into `out` and its index and rejects lists (see the module docstring).
     Returns {"clips", "reused", "rejects": [(path, reason), ...]}."""
     out = Path(out)
@@ -144,7 +145,7 @@ def embed_files(model: AudioEncoder, files: list[Path], out: str | Path, batch_s
     reused, todo = len(done), [f for f in files if str(f) not in done]
     n_parts = len(list(parts.glob("part-*.npz"))) if parts.is_dir() else 0
     pending, batch = [], []
-    bar = progress(len(todo), "embed", "clip", enabled=enable_progress)
+    bar = progress(len(todo), "embed", "clip")
 
     def embed_batch() -> None:
         emb = model.embed([w for _, w in batch], model.sample_rate).cpu().numpy()
@@ -188,7 +189,6 @@ def _which(args) -> str | None:
     """--which, else (for a folder of exports) downstream.encoder of --params where that file exists."""
     if args.which or (Path(args.encoder) / CONFIG).is_file() or not Path(args.params).is_file():
         return args.which
-    from ajepa.config import load_params
     return load_params(args.params).downstream.encoder
 
 

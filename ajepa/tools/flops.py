@@ -50,6 +50,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ajepa.cpus import available_cpus
+from ajepa.models import Predictor, SpectrogramEncoder, resolve_size
+from ajepa.train.pretrain import train_step
 
 __all__ = ["matmul_peak_flops", "encoder_forward_flops", "predictor_forward_flops", "ajepa_step_flops",
            "model_configs", "measure_step", "configure_cpu_threads", "cpu_busy_fraction"]
@@ -113,12 +115,10 @@ def _defaults(cls) -> dict[str, Any]:
 
 
 def _encoder_cfg(cfg: dict) -> dict:
-    from ajepa.models import SpectrogramEncoder, resolve_size
     return {**_defaults(SpectrogramEncoder), **resolve_size(cfg)}
 
 
 def _predictor_cfg(cfg: dict | None) -> dict:
-    from ajepa.models import Predictor
     return {**_defaults(Predictor), **(cfg or {})}
 
 
@@ -215,7 +215,6 @@ def measure_step(model, optimizer, batch_maker: Callable[[int], tuple], steps: i
     of `steps` steps is timed on its own (CUDA synchronised) and the median (reduce="median")
     or mean ("mean") is returned. The model is put in train mode.
     """
-    from ajepa.train.pretrain import train_step
     model.train()
     step_fn = step_fn or (lambda m, o, *b: train_step(m, o, *b, momentum=momentum))
     params = list(model.parameters())

@@ -42,10 +42,16 @@ import yaml
 
 from ajepa.config import parse_params, read_yaml
 from ajepa.cpus import available_cpus
+from ajepa.data.store import FeatureStore
 from ajepa.device import cuda_problem
 from ajepa.errors import AjepaError
+from ajepa.export import read_export
+from ajepa.tools.bench import bench_loader, bench_pretrain, plan_clips_per_s_per_gpu
 from ajepa.tools.presets import load_preset, merge, preset_path
+from ajepa.train.checkpoint import load_checkpoint
 from ajepa.train.distributed import local_processes
+from ajepa.train.engine import Engine, single_process
+from ajepa.train.pretrain import build, probe_loss
 
 CPU_ENV = "AJEPA_GPU_CHECK_CPU"  # set to 1: as --cpu, the miniature on the CPU
 CHECKS = ("paper_step", "micro_batch", "data_path", "open_files", "pretrain", "resume", "downstream", "ddp",
@@ -121,10 +127,7 @@ def run_pretrain(cwd: Path, launcher: tuple[str, ...] = ()) -> dict:
 
 def encoder_difference(a: Path, b: Path) -> float:
     """The largest absolute difference between two runs' exported context encoders."""
-    from ajepa.train.checkpoint import load_encoder_state
-
-    wa, _ = load_encoder_state(a / "models/pretrain/context/model.safetensors")
-    wb, _ = load_encoder_state(b / "models/pretrain/context/model.safetensors")
+    wa, wb = (read_export(root / "models/pretrain/context")[1] for root in (a, b))
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
@@ -151,8 +154,6 @@ def check_paper_step(params_file: str, miniature: bool) -> dict:
     """bf16 steps at the paper's size and its per-GPU batch of 64 (the miniature: the smoke size, fp32 on
     the CPU): MFU, and the peak memory, which must stay within 90% of the device's (the rest is the CUDA
     context's, the allocator's fragments and the masks that keep more patches than the timed ones)."""
-    from ajepa.tools.bench import bench_pretrain
-
     size = dict(batch=4, steps=1) if miniature else dict(encoder="base", target_length=1024, batch=64,
                                                           predictor_dim=512, predictor_depth=16, steps=6)
     device = torch.device("cpu") if miniature else torch.device("cuda", 0)
@@ -172,9 +173,6 @@ def check_micro_batch(params_file: str, miniature: bool, processes: int) -> dict
     """What `micro_batch: auto` chooses for the paper's global batch on this node (one process per GPU),
     probed by the pretraining code itself on a paper-size model: clips per forward/backward and the
     accumulation steps that make up the per-process batch. On the CPU auto takes the whole batch."""
-    from ajepa.train.engine import Engine, single_process
-    from ajepa.train.pretrain import build, probe_loss
-
     params = paper_params(params_file, miniature)
     cfg = params.pretrain
     device = torch.device("cpu") if miniature else torch.device("cuda", 0)
@@ -200,8 +198,6 @@ def check_data_path(params_file: str, miniature: bool, paper_step: dict | None, 
     clips/s per loader worker, times the workers the paper preset starts per GPU process (at most the
     cores this process may use), against what the GPUs consume: the paper step's samples/s on each GPU,
     or, without that figure, the compute plan's (docs/compute.md)."""
-    from ajepa.tools.bench import bench_loader, plan_clips_per_s_per_gpu
-
     params = paper_params(params_file, miniature)
     size = dict(clips=48, frames=96, batch=8, steps=3) if miniature else dict(clips=512, frames=1024, batch=64, steps=8)
     r = bench_loader(params, workers=(1, 2), **size)
@@ -221,8 +217,6 @@ def check_data_path(params_file: str, miniature: bool, paper_step: dict | None, 
 def descriptors_per_shard(store_dir: Path) -> float:
     """Open file descriptors this process gains per shard it reads from (every shard of `store_dir`
     memory-mapped, as a loader worker ends up doing): 1 with NumPy's memmap, which keeps a duplicate."""
-    from ajepa.data.store import FeatureStore
-
     fd_dir = Path("/proc/self/fd")
     if not fd_dir.is_dir():
         return 1.0  # no /proc (macOS): what NumPy's memmap holds
@@ -271,8 +265,6 @@ def check_pretrain(run: dict, steps: int) -> dict:
 def check_resume(cwd: Path, straight: dict, cuda: bool) -> dict:
     """`ajepa pretrain` killed (SIGKILL, with its loader workers) once its first checkpoint is written,
     then run again: it resumes from the checkpoint and ends as the uninterrupted run ended."""
-    from ajepa.train.checkpoint import load_checkpoint
-
     checkpoint = cwd / "models/pretrain_state/checkpoint.pt"
     proc = subprocess.Popen([sys.executable, "-m", "ajepa.cli", "pretrain"], cwd=cwd, env=_clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

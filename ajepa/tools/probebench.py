@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ajepa.downstream.linear import fit_probe
+from ajepa.downstream.protocols import Task, eval_splits
+from ajepa.downstream.rowfile import RowFile, write_rows
+
 __all__ = ["bench_probe", "format_probe"]
 
 
 def _one(clips: int, width: int, classes: int, block_mb: float, max_iter: int, device: str) -> dict:
-    from ajepa.downstream.linear import fit_probe
-    from ajepa.downstream.protocols import Task, eval_splits
-    from ajepa.downstream.rowfile import RowFile, write_rows
-
     rng = np.random.default_rng(0)
     y = rng.integers(0, classes, clips)
     centers = rng.normal(size=(classes, width)).astype(np.float32)

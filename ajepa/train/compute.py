@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import Block
 from torch.nn.parallel import DistributedDataParallel
 
 from ajepa.errors import AjepaError
@@ -124,7 +125,6 @@ def compile_blocks(model: nn.Module) -> int:
     returns how many. Blocks rather than the whole model: the context and target sizes change from
     step to step (the masks), and a block recompiles once or twice for new sizes (then its graph
     takes any size); the mask gathering and the loss stay eager."""
-    from timm.models.vision_transformer import Block
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if blocks:
         check_compile(next(blocks[0].parameters()).device)

@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from ajepa.device import pick_device
 from ajepa.errors import AjepaError, Interrupted
@@ -156,10 +159,6 @@ def launch(fn: Callable, args: tuple, processes: int) -> Any:
     `fn` and `args` must be picklable (the processes are spawned). When any process fails, the launcher
     stops the others, and an AjepaError raised by `fn` is raised here as one line (a crash as a pointer to
     its traceback above)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           start_method="spawn", monitor_interval=0.1)

@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ajepa.errors import AjepaError, Interrupted
 from ajepa.interrupt import signal_name
 from ajepa.models import set_activation_checkpointing
-from ajepa.train.checkpoint import (load_checkpoint, load_fitting, load_optimizer, restoring, rng_state,
-                                    save_checkpoint, set_rng_state)
+from ajepa.models.state import load_fitting
+from ajepa.train.checkpoint import load_checkpoint, load_optimizer, restoring, rng_state, save_checkpoint, set_rng_state
 from ajepa.train.compute import (accumulate, compile_blocks, fits_in_cuda_memory, min_over_processes,
                                  resolve_micro_batch)
 from ajepa.train.distributed import DistInfo, all_reduce_mean, max_over_ranks

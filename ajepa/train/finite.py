@@ -18,9 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import get_total_norm
 
-from ajepa.errors import AjepaError
-
-__all__ = ["NonFinite", "check_loss", "check_weights", "check_loaded"]
+__all__ = ["NonFinite", "check_loss", "check_weights"]
 
 
 class NonFinite(ArithmeticError):
@@ -41,24 +39,3 @@ def check_weights(module: nn.Module) -> None:
     if not bad:  # finite, but so large that the sum of their squares overflows: diverged all the same
         raise NonFinite("weights beyond float range (their norm overflows) after the optimiser step")
     raise NonFinite(f"non-finite weights ({bad[0]}) after the optimiser step")
-
-
-def check_loaded(source, tensors: dict | None = None, stats: dict | None = None) -> None:
-    """Refuse loaded weights or normalisation statistics that would make every output NaN or garbage
-    without a word: a tensor that is not floating point (int8 weights load into float parameters as
-    whole numbers) or holds a NaN or an infinity, a mean that is not a finite number, a std that is not
-    a finite positive one. One AjepaError naming `source` (the file) and the first bad entry.
-    About 0.1 s for ViT-B's 86 M weights: once per load."""
-    for key, value in (tensors or {}).items():
-        if not value.is_floating_point():
-            raise AjepaError(f"{source}: {key!r} holds {value.dtype} values, not floating point: a damaged "
-                             "or foreign export; export the encoder again")
-        if not torch.isfinite(value).all():
-            raise AjepaError(f"{source}: {key!r} holds NaN or infinite values: a damaged export (or one "
-                             "of a diverged run); export the encoder again")
-    for key in ("mean", "std") if stats is not None else ():
-        value = stats.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or key == "std" and value <= 0:
-            what = "a finite positive number" if key == "std" else "a finite number"
-            raise AjepaError(f"{source}: normalisation {key} = {value!r}: must be {what}")

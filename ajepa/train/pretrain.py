@@ -94,11 +94,8 @@ def build(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int, steps_per
 
 
 def build_mask_generator(cfg: PretrainConfig, grid: tuple[int, int], total_steps: int) -> MaskGenerator:
-    m = cfg.masking
-    return MaskGenerator(grid, mode=m.mode, total_steps=total_steps, seed=cfg.seed, num_targets=m.num_targets,
-                         target_scale=tuple(m.target_scale), target_aspect=tuple(m.target_aspect),
-                         context_scale=tuple(m.context_scale), tf_num_targets=m.tf_num_targets,
-                         tf_scale=tuple(m.tf_scale), min_keep=m.min_keep, c0=m.curriculum_c0)
+    """The run's masks: the keys of pretrain.masking are MaskGenerator's arguments, word for word."""
+    return MaskGenerator(grid, total_steps=total_steps, seed=cfg.seed, **asdict(cfg.masking))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, context: torch.Tensor,
@@ -220,7 +217,7 @@ def _loader(cfg: PretrainConfig, store: FeatureStore | StoreUnion, dist: DistInf
 
 def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: PretrainPaths, dist: DistInfo,
              open_log: OpenLog | None = None, stop_after: int | None = None,
-             evaluate: Callable[[int, AJEPA], dict] | None = None, enable_progress: bool = True,
+             evaluate: Callable[[int, AJEPA], dict] | None = None,
              stop_requested: Callable[[], int | None] | None = None) -> PretrainResult:
     """Train (or resume) to the configured number of steps; rank 0 logs and writes every output.
 
@@ -247,7 +244,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
     engine.configure(cfg.optim.batch_size // dist.world_size, cfg.micro_batch, cfg.activation_checkpointing,
                      cfg.compile, probe_loss(cfg, model, grid, patch_size, total_steps, dist.device))
     model.train()
-    bar = progress(end_step - start_step, "pretrain", "step", enabled=enable_progress and dist.is_main)
+    bar = progress(end_step - start_step, "pretrain", "step", enabled=dist.is_main)
 
     def step(batch: PretrainBatch) -> int:
         schedule = tuple(s.step() for s in schedules)

@@ -13,26 +13,22 @@ import math
 import torch
 import torch.nn as nn
 
+from ajepa.choices import LrScaling, check_choice
+
 __all__ = ["WarmupCosine", "CosineWeightDecay", "LinearMomentum", "param_groups", "layer_decay_groups",
-           "NO_DECAY_NAMES", "LR_SCALINGS", "peak_lr"]
+           "NO_DECAY_NAMES", "peak_lr"]
 
 # Learned tokens and positional tables are embeddings, not weights: decaying them pulls them towards 0
 # for no regularisation benefit. MAE/AudioMAE fine-tuning and timm exclude them (`no_weight_decay()`);
 # MAE's and I-JEPA's pretraining groups split by ndim and name alone, so they decay a [1, 1, D] mask token.
 NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token")
 
-# How a configured lr becomes the schedule's peak: "absolute" as I-JEPA (helper.py init_opt: the config's lr
-# is the peak), "per_256" as MAE/AudioMAE's base lr (main_pretrain.py: `lr = blr * eff_batch_size / 256`).
-LR_SCALINGS = ("absolute", "per_256")
-
-
-def peak_lr(lr: float, batch_size: int, scaling: str) -> float:
-    """The peak lr that `lr` means at a global batch of `batch_size` under `scaling` (LR_SCALINGS)."""
-    if scaling == "absolute":
-        return float(lr)
-    if scaling == "per_256":
-        return float(lr) * batch_size / 256
-    raise ValueError(f"lr scaling must be one of {LR_SCALINGS}, got {scaling!r}")
+def peak_lr(lr: float, batch_size: int, scaling: LrScaling) -> float:
+    """The peak lr that `lr` means at a global batch of `batch_size` under `scaling`: "absolute" as I-JEPA
+    (helper.py init_opt: the config's lr is the peak), "per_256" as MAE/AudioMAE's base lr
+    (main_pretrain.py: `lr = blr * eff_batch_size / 256`)."""
+    check_choice(scaling, LrScaling, "lr scaling")
+    return float(lr) * batch_size / 256 if scaling == "per_256" else float(lr)
 
 # Marker kept in an optimizer group once the weight-decay schedule has seen it decaying. It is stored
 # in the optimizer's state_dict, so a resumed optimizer keeps its groups apart even when the cosine

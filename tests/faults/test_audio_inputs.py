@@ -88,7 +88,7 @@ def test_names_that_are_no_audio_file_get_a_rejects_row(tmp_path, model):
     os.mkfifo(tmp_path / "in" / "pipe.wav")
     (tmp_path / "in" / "folder.wav").mkdir()
     files = audio_files([str(tmp_path / "in")])
-    r = embed_files(model, files, tmp_path / "e.npz", enable_progress=False)
+    r = embed_files(model, files, tmp_path / "e.npz")
     assert r["clips"] == 2
     rejects = pd.read_csv(tmp_path / "e.rejects.csv")
     assert dict(zip(rejects.path.map(lambda p: Path(p).name), rejects.reason)) == {
@@ -100,7 +100,7 @@ def test_a_file_deleted_after_the_listing_is_rejected_with_its_reason(tmp_path, 
     write_clips(tmp_path / "in", 3)
     files = audio_files([str(tmp_path / "in")])
     files[1].unlink()  # between the listing and the read
-    r = embed_files(model, files, tmp_path / "e.npz", enable_progress=False)
+    r = embed_files(model, files, tmp_path / "e.npz")
     assert r["clips"] == 2
     assert r["rejects"] == [(str(files[1]), "file not found (deleted or moved after it was listed)")]
     with pytest.raises(Exception, match="file not found"):

@@ -161,7 +161,7 @@ DOWNLOAD = textwrap.dedent("""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     try:
-        download(sys.argv[1], sys.argv[2], show_progress=False, backoff_s=5.0)
+        download(sys.argv[1], sys.argv[2], backoff_s=5.0)
     except AjepaError as e:
         print(e)
         sys.exit(2)

@@ -14,7 +14,7 @@ from ajepa.datasets.registry import REGISTRY
 from ajepa.datasets.sources import obtain
 from ajepa.errors import AjepaError
 
-FAST = dict(backoff_s=0.01, timeout_s=5, show_progress=False)
+FAST = dict(backoff_s=0.01, timeout_s=5)
 NAME = "ESC-50-master.zip"  # published with neither size nor checksum: only the transfer can tell
 
 
@@ -58,11 +58,11 @@ def test_an_installed_cut_archive_is_set_aside_and_fetched_again(server, tmp_pat
     downloads.mkdir()
     (downloads / NAME).write_bytes(payload[:1 << 20])
     with pytest.raises(AjepaError) as raised:
-        obtain(REGISTRY["esc50"], tmp_path / "raw1", downloads, mirror=loop.url, show_progress=False)
+        obtain(REGISTRY["esc50"], tmp_path / "raw1", downloads, mirror=loop.url)
     message = str(raised.value)
     assert "\n" not in message and NAME in message and "set aside" in message and "rerun" in message
     assert not (downloads / NAME).exists()
-    located = obtain(REGISTRY["esc50"], tmp_path / "raw2", downloads, mirror=loop.url, show_progress=False)
+    located = obtain(REGISTRY["esc50"], tmp_path / "raw2", downloads, mirror=loop.url)
     assert (located.roots["main"] / "meta" / "esc50.csv").is_file()
     assert (downloads / NAME).read_bytes() == payload
 
@@ -78,7 +78,7 @@ def test_a_truncated_tar_is_one_line_naming_it(tmp_path, mode):
             tf.addfile(info, io.BytesIO(data))
     archive.write_bytes(archive.read_bytes()[:300_000])
     with pytest.raises(AjepaError) as raised:
-        extract([archive], tmp_path / "out", show_progress=False)
+        extract([archive], tmp_path / "out")
     message = str(raised.value)
     assert "\n" not in message and archive.name in message and "delete it" in message and "rerun" in message
 
@@ -88,4 +88,4 @@ def test_a_truncated_zip_is_one_line_naming_it(tmp_path):
     payload = _esc50_zip(archive, 300_000)
     archive.write_bytes(payload[:200_000])
     with pytest.raises(AjepaError, match=r"data\.zip: .*delete it"):
-        extract([archive], tmp_path / "out", show_progress=False)
+        extract([archive], tmp_path / "out")
