@@ -141,7 +141,9 @@ def run(params: Params) -> str:
         metric = info[bench]["metric"]
         plot_benchmark_bars(bench, {m: r for m, r in rows.items() if r[metric] is not None}, metric,
                             PAPER_RESULTS.get(bench, {}), out / "plots" / f"{bench}.png")
-    write_text(out / "report.md", render(summary, info, pretrain, curves, params))
+    ablation = paths.ablation_table()
+    write_text(out / "report.md", render(summary, info, pretrain, curves, params,
+                                         ablation.read_text() if ablation.exists() else None))
     return "\n".join([f"report: {out / 'report.md'}, {out / 'summary.json'}, plots in {out / 'plots'}/",
                       *(f"  {b}: {p}" for b, lines in problems.items() for p in lines)])
 
@@ -199,7 +201,9 @@ def _curve_label(name: str) -> str:
     return f"{bench}, {CURVE_SERIES.get(series, series)}"
 
 
-def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Params) -> str:
+def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Params, ablation: str | None = None) -> str:
+    """report.md: the setup, the results table, the checks, the learning curve and, when `ajepa ablate
+    --table` wrote one, the ablation table."""
     e, p, o = params.pretrain.encoder, params.pretrain.predictor, params.pretrain.optim
     lines = [
         "# A-JEPA results",
@@ -235,6 +239,9 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
         for s in steps:
             cells = [f"{c[s]:.1f}" if s in c.index else "" for c in curves.values()]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if ablation:
+        lines += ["", "## Ablations", "", f"The paper's ablations as DVC experiments (`ajepa ablate`; "
+                  f"`{paths.ablation_table()}`, docs/experiments.md):", "", ablation.rstrip()]
     lines += [
         "",
         "How to read it: `this run` is the mean over the protocol's runs (± the population std over folds for "
