@@ -201,7 +201,8 @@ def _curve_label(name: str) -> str:
     return f"{bench}, {CURVE_SERIES.get(series, series)}"
 
 
-def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Params, ablation: str | None = None) -> str:
+def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Params,
+           ablation: str | None = None) -> str:
     """report.md: the setup, the results table, the checks, the learning curve and, when `ajepa ablate
     --table` wrote one, the ablation table."""
     e, p, o = params.pretrain.encoder, params.pretrain.predictor, params.pretrain.optim

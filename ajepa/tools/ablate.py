@@ -170,7 +170,7 @@ def queue(runs: list[Run]) -> None:
         dvc(*run.command()[1:])
 
 
-def wait(runs: list[Run], poll_s: float = 5.0) -> dict[str, str]:
+def wait(runs: list[Run], poll_s: float = 2.0) -> dict[str, str]:
     """Start one queue worker and wait until none of `runs` is queued or running; {name: final status}."""
     dvc("queue", "start", "-j", "1")
     names = {r.name for r in runs}
@@ -195,9 +195,11 @@ def run(args) -> str:
         return commands
     queue(runs)
     if not args.run:
-        return f"{commands}\nablate: {len(runs)} runs queued; `dvc queue start -j 1` runs them, then `ajepa ablate --table`"
+        return (f"{commands}\nablate: {len(runs)} runs queued; `dvc queue start -j 1` runs them, then "
+                "`ajepa ablate --table`")
     status = wait(runs)
-    failed = sorted(n for n, s in status.items() if s != "Success")
+    failed = sorted(r.name for r in runs if status.get(r.name) != "Success")
+    status = {n: status.get(n, "not in `dvc queue status`") for n in failed}
     return "\n".join([f"ablate: {len(runs) - len(failed)} of {len(runs)} runs finished", *(
         f"  {n}: {status[n]} (dvc queue logs {n})" for n in failed), write_table()])
 
@@ -212,7 +214,8 @@ def collect(shown: list) -> tuple[dict, list[str]]:
             continue
         summary = compare.summary_of(rev)
         if rev.get("error") or not summary:
-            problems.append(f"{name}: {compare.make_row(rev, name, None).changes if rev.get('error') else 'no summary'}")
+            why = compare.make_row(rev, name, None).changes if rev.get("error") else "no results/summary.json"
+            problems.append(f"{name}: {why}")
             continue
         found.setdefault(m.group(1), {})[int(m.group(2))] = summary
     return found, problems
