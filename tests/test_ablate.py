@@ -93,6 +93,7 @@ def test_the_table_goes_between_the_markers(tmp_path):
 
 
 # PROCESS-STARTING: a smoke `dvc repro` (the module fixture) and a DVC queue worker running two experiments
+@pytest.mark.slow
 def test_a_queued_ablation_runs_and_its_table_reaches_the_docs_and_the_report(project):  # noqa: F811
     root = project
     shutil.copytree(REPO / "docs", root / "docs")

@@ -3,6 +3,7 @@ a resumed run does not score it again, and the report draws each dataset's curve
 clips seen with the fbank's level (the data of the DVC plot dvc.yaml declares)."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -25,8 +26,8 @@ CURVE = paths.pretrain_live_dir() / "plots" / "metrics"
 
 @pytest.fixture(scope="module")
 def synth_features(tmp_path_factory):
-    """The smoke preset's `synth` (24 pool clips, 5 labeled clips per class) prepared and pooled, pretrained
-    on alone: 3 steps an epoch, 2 epochs, a probe every 3 steps."""
+    """The smoke preset's `synth` (24 pool clips, 5 labeled clips per class) prepared, pooled and pretrained
+    on alone (in this process): 3 steps an epoch, 2 epochs, a probe every 3 steps."""
     root = tmp_path_factory.mktemp("curve")
     p = tiny_params()
     p["pretrain"]["datasets"] = ["synth"]
@@ -35,6 +36,8 @@ def synth_features(tmp_path_factory):
         m.chdir(root)
         for argv in (["prepare", "synth"], ["features", "synth"], ["pool", "synth"]):
             assert main(argv) == 0
+        shutil.copytree(root / "data", root / "data.before")  # for the resumed run
+        assert main(["pretrain"]) == 0
     return root
 
 
@@ -47,9 +50,10 @@ def _rows(root, name: str) -> pd.DataFrame:
     return pd.read_csv(root / CURVE / f"{name}.tsv", sep="\t")
 
 
+@pytest.mark.slow  # a training run
 def test_the_curve_starts_at_the_untrained_encoder(synth_features, monkeypatch):
     root = synth_features
-    _pretrain(root, monkeypatch)
+    monkeypatch.chdir(root)
     params = load_params(root / "params.yaml")
     cfg = params.pretrain
     curve = _rows(root, "probe/synth/context")
@@ -73,10 +77,11 @@ def test_the_curve_starts_at_the_untrained_encoder(synth_features, monkeypatch):
     assert list(_rows(root, "train/loss")["step"]) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # two training runs
 def test_a_resumed_run_logs_step_0_once(synth_features, tmp_path, monkeypatch):
-    root = make_project_copy(tmp_path / "resumed", {}, git=False)
-    for name in ("params.yaml", "data"):
-        run(["cp", "-r", str(synth_features / name), str(root)], tmp_path)
+    root = tmp_path / "resumed"
+    shutil.copytree(synth_features / "data.before", root / "data")
+    shutil.copy2(synth_features / "params.yaml", root / "params.yaml")
     _pretrain(root, monkeypatch, "--stop-after", "4")
     assert list(_rows(root, "probe/synth/context")["step"]) == [0, 3]
     _pretrain(root, monkeypatch)
@@ -86,6 +91,7 @@ def test_a_resumed_run_logs_step_0_once(synth_features, tmp_path, monkeypatch):
     assert list(_rows(root, "probe/synth/context")["context"]) == pytest.approx(list(straight), abs=1e-9)
 
 
+@pytest.mark.slow  # the module's training run
 def test_the_report_draws_each_dataset_against_steps_and_clips_seen(synth_features, tmp_path):
     curves = learning_curves(synth_features / CURVE)
     assert list(curves) == ["synth/context", "synth/fbank"]
@@ -99,6 +105,7 @@ def test_the_report_draws_each_dataset_against_steps_and_clips_seen(synth_featur
     assert (tmp_path / "curves" / "synth.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # dvc
 def test_dvc_draws_the_curve_against_clips_seen(tmp_path):
     root = make_project_copy(tmp_path / "p", tiny_params())
     folder = root / "results" / "plots" / "learning_curve"
