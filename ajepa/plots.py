@@ -100,7 +100,7 @@ def learning_curves(curves_dir: Path) -> dict[str, "object"]:
 CURVE_SERIES = {"context": "context encoder", "target": "target encoder", "fbank": "time-averaged fbank"}
 
 
-def learning_curve_tables(curves: dict, batch_size: int) -> dict[str, "object"]:
+def learning_curve_tables(curves: dict, batch_size: int) -> dict:
     """{BENCH: table} of learning_curves' series: step, clips_seen (steps x batch size), then one score
     column per CURVE_SERIES."""
     import pandas as pd

@@ -7,12 +7,12 @@ import shlex
 import shutil
 
 import pytest
+from conftest import REPO, load_repo_params, run
+from test_experiments import ENV, project  # noqa: F401 (the smoke run, committed: a fixture)
 
 from ajepa.cli import main
 from ajepa.errors import AjepaError
 from ajepa.tools import ablate, compare
-from conftest import REPO, load_repo_params, run
-from test_experiments import ENV, project  # noqa: F401 (the smoke run, committed: a fixture)
 
 
 def _commands(capsys, *argv) -> list[list[str]]:

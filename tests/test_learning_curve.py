@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import make_project_copy, run, tiny_params
 
 from ajepa import paths
 from ajepa.cli import main
@@ -19,7 +20,6 @@ from ajepa.export import read_export
 from ajepa.plots import learning_curves
 from ajepa.stages.report import write_learning_curves
 from ajepa.train.pretrain import build_model
-from conftest import make_project_copy, run, tiny_params
 
 CURVE = paths.pretrain_live_dir() / "plots" / "metrics"
 
