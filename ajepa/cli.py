@@ -1,5 +1,5 @@
 """The `ajepa` command: one subcommand per pipeline stage, plus `embed`, `bench`, `preset`, `gpu-check` and
-`params-doc`. The only argument parser."""
+`params-doc`, `compare`, `ablate`. The only argument parser."""
 
 from __future__ import annotations
 
@@ -49,6 +49,23 @@ def _add_embed(sub) -> None:
                         "GPU) or cpu")
 
 
+def _add_ablate(sub) -> None:
+    s = sub.add_parser("ablate", help="the paper's ablations (masking; fine-tuning's regularized masking) as queued "
+                                      "DVC experiments over seeds, and their table (docs/experiments.md)")
+    s.add_argument("--preset", default=None, metavar="NAME",
+                   help="run the ablations on a preset's values (given as -S overrides; params.yaml is left as it "
+                        "is): default none, the embedded default of params.yaml; `paper` on GPUs")
+    s.add_argument("--seeds", type=_at_least_one, default=3, help="seeds 0..N-1 per variant (default 3)")
+    s.add_argument("--variants", default=None, metavar="NAMES",
+                   help="comma-separated variant names or groups (masking, fine-tuning); default all")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="a params.yaml value for every run (repeatable)")
+    do = s.add_mutually_exclusive_group()
+    do.add_argument("--dry-run", action="store_true", help="print the dvc commands; queue nothing")
+    do.add_argument("--run", action="store_true", help="queue, run them with one worker and wait, then the table")
+    do.add_argument("--table", action="store_true", help="the finished runs' table into results/ablation.md and "
+                                                          "docs/experiments.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ajepa",
@@ -96,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="the experiments of `dvc exp show`: params changed and each benchmark's "
                                        "headline metrics, one row per experiment")
     s.add_argument("--width", type=int, default=120, help="table width in characters (default 120)")
+    _add_ablate(sub)
     s = sub.add_parser("params-format", help="rewrite params.yaml in the layout `dvc exp run -S` writes (lists one "
                                              "item per line, null empty), so a -S run changes only its keys' lines")
     s.add_argument("--check", action="store_true", help="write nothing; exit 1 when params.yaml is not in that layout")
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the commands that are no pipeline stage
-TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc", "params-format", "compare")
+TOOLS = ("bench", "preset", "embed", "gpu-check", "params-doc", "params-format", "compare", "ablate")
 
 
 def _run_tool(args) -> int:
@@ -231,6 +249,9 @@ def _run_tool(args) -> int:
     elif args.command == "compare":
         from ajepa.tools import compare
         print(compare.run(args.width))
+    elif args.command == "ablate":
+        from ajepa.tools import ablate
+        print(ablate.run(args))
     elif args.command == "params-format":
         from ajepa.tools import paramfile
         changed = paramfile.format_file(args.params, check=args.check)

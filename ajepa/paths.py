@@ -90,6 +90,12 @@ def report_dir() -> Path:
     return Path("results")
 
 
+def ablation_table() -> Path:
+    """The table of the ablation experiments, written by `ajepa ablate --table` (no stage output: the
+    report includes it when it exists)."""
+    return report_dir() / "ablation.md"
+
+
 def escapes(name: str) -> str | None:
     """Why the relative name `name` could lead outside its folder ("an absolute path", "a '..'
     component"), or None when it stays inside (as far as the name tells: links are checked apart)."""

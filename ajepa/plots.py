@@ -95,15 +95,38 @@ def learning_curves(curves_dir: Path) -> dict[str, "object"]:
     return {f"{p.parent.name}/{p.stem}": read_curve(p) for p in sorted(root.glob("*/*.tsv"))} if root.is_dir() else {}
 
 
-def plot_learning_curve(curves: dict, path: Path) -> None:
-    """The learning-curve probe: validation score of each benchmark x encoder against pretraining steps."""
-    fig, ax = plt.subplots(figsize=(5.0, 3.2))
-    for name, series in curves.items():
-        ax.plot(series.index, series.values, marker="o", lw=1.2, label=name.replace("/", ", ") + " encoder")
-    ax.set_xlabel("pretraining step")
-    ax.set_ylabel("validation score (%)")
-    ax.legend(fontsize=7)
-    ax.set_title("Learning curve: linear probe of the model being pretrained", fontsize=9)
+# the columns of a learning curve's table: the probed encoders and the baseline (blank where not probed,
+# so that every dataset's table has the fields dvc.yaml's plot names)
+CURVE_SERIES = {"context": "context encoder", "target": "target encoder", "fbank": "time-averaged fbank"}
+
+
+def learning_curve_tables(curves: dict, batch_size: int) -> dict:
+    """{BENCH: table} of learning_curves' series: step, clips_seen (steps x batch size), then one score
+    column per CURVE_SERIES."""
+    import pandas as pd
+    tables = {}
+    for bench in dict.fromkeys(name.split("/")[0] for name in curves):
+        table = pd.DataFrame({c: curves[f"{bench}/{c}"] for c in CURVE_SERIES if f"{bench}/{c}" in curves})
+        table = table.reindex(columns=list(CURVE_SERIES)).rename_axis("step").reset_index()
+        table.insert(1, "clips_seen", table["step"] * batch_size)
+        tables[bench] = table
+    return tables
+
+
+def plot_learning_curve(bench: str, table, path: Path) -> None:
+    """One dataset's learning curve (learning_curve_tables): validation score of each probed encoder against
+    pretraining steps and against clips seen, the fbank's as a level line."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2), sharey=True)
+    for ax, x, label in zip(axes, ("step", "clips_seen"), ("pretraining step", "clips seen (steps x batch size)")):
+        for column in ("context", "target"):
+            if table[column].notna().any():
+                ax.plot(table[x], table[column], marker="o", lw=1.2, label=CURVE_SERIES[column])
+        if table["fbank"].notna().any():
+            ax.axhline(table["fbank"].dropna().iloc[-1], ls="--", lw=1.2, color="tab:gray", label=CURVE_SERIES["fbank"])
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("validation score (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{bench}: linear probe of the model being pretrained (step 0: random init)", fontsize=9)
     _save(fig, path)
 
 

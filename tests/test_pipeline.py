@@ -173,7 +173,7 @@ def test_snakemake_produces_the_same_outputs_as_dvc(dvc_copy, snakemake_copy):
             "results/report.md", "results/summary.json", "results/finetune/synth/predictions.csv",
             "results/finetune/words/predictions.csv", "results/finetune/synth/confusion.csv",
             "results/finetune/words/per_class_ap.csv", "data/features/words/index.csv", "data/pool/words.json",
-            "results/plots/learning_curve.png"} <= files
+            "results/plots/learning_curve/synth.png", "results/plots/learning_curve/words.csv"} <= files
     for name in sorted(files):
         a, b = _comparable(dvc_root / name), _comparable(smk_root / name)
         assert _equal(a, b), name

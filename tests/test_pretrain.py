@@ -48,7 +48,8 @@ def _train(cfg, store_dir, out, **kw):
         log = live(start)
 
         def both(step, metrics):
-            losses[step] = metrics["train/loss"]
+            if "train/loss" in metrics:  # not at step 0, the curve's untrained model
+                losses[step] = metrics["train/loss"]
             log(step, metrics)
         return both
 
@@ -95,9 +96,10 @@ def test_learning_curve_is_logged_at_probe_steps(store_dir, tmp_path):
         return evaluate(step, model)
 
     r, _ = _train(cfg, store_dir, tmp_path, evaluate=evaluate_in_eval_mode)
-    assert seen == [4, 8, 12] and r.steps == 12 and r.probe_seconds >= 0
+    # step 0 first: the curve starts at the untrained model
+    assert seen == [0, 4, 8, 12] and r.steps == 12 and r.probe_seconds >= 0
     curve = pd.read_csv(tmp_path / "live/plots/metrics/probe/hand/target.tsv", sep="\t")
-    assert list(curve["step"]) == [3, 7, 11] and list(curve["target"]) == [4.0, 8.0, 12.0]
+    assert list(curve["step"]) == [0, 4, 8, 12] and list(curve["target"]) == [0.0, 4.0, 8.0, 12.0]
 
 
 @pytest.mark.slow

@@ -44,7 +44,8 @@ from ajepa.progress import progress
 
 __all__ = ["pooled_batches", "embed", "token_batches", "fbank_batches",
            "cached_embeddings", "block_rows", "standardisation", "Blocks", "fit_blocks", "fit_logistic", "fit_probe",
-           "fit_attentive", "AttentiveProbe", "evaluate_embeddings", "evaluate_tokens", "validation_probe"]
+           "fit_attentive", "AttentiveProbe", "evaluate_embeddings", "evaluate_tokens", "validation_probe",
+           "fbank_validation_probe"]
 
 
 @torch.no_grad()
@@ -73,11 +74,14 @@ def embed(encoder: SpectrogramEncoder, task: Task, batch_size: int, device: torc
     return np.concatenate(list(pooled_batches(encoder, task, batch_size, device, pooling, positions, desc)))
 
 
-def fbank_batches(task: Task, batch_size: int = 256, desc: str | None = None) -> Iterator[np.ndarray]:
-    """The spectrogram baseline, a batch at a time: normalised log-mel fbank averaged over time [b, mel bins]."""
-    with progress(len(task.y), desc or "", "clip", enabled=desc is not None) as bar:
-        for s in range(0, len(task.y), batch_size):
-            batch = task.clips(range(s, min(s + batch_size, len(task.y)))).mean(dim=1).numpy()
+def fbank_batches(task: Task, batch_size: int = 256, desc: str | None = None,
+                  positions: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The spectrogram baseline of every clip (or of `positions`), a batch at a time: normalised log-mel
+    fbank averaged over time [b, mel bins]."""
+    positions = np.arange(len(task.y)) if positions is None else np.asarray(positions)
+    with progress(len(positions), desc or "", "clip", enabled=desc is not None) as bar:
+        for s in range(0, len(positions), batch_size):
+            batch = task.clips(positions[s:s + batch_size]).mean(dim=1).numpy()
             yield batch
             bar.update(len(batch))
 
@@ -357,9 +361,18 @@ def validation_probe(encoder: SpectrogramEncoder, task: Task, l2: list[float], d
     """The learning-curve probe: embed the train and val clips of the protocol's first run, fit the linear
     probe on train and return its validation score (the test clips are never touched). For a probe at
     every few hundred pretraining steps: one run, no test, no cache."""
+    return _validation_score(task, l2, lambda positions: embed(encoder, task, batch_size, device, pooling, positions))
+
+
+def fbank_validation_probe(task: Task, l2: list[float]) -> float:
+    """validation_probe's score for the time-averaged fbank: the learning curve's baseline, on the same clips."""
+    return _validation_score(task, l2, lambda positions: np.concatenate(list(fbank_batches(task, positions=positions))))
+
+
+def _validation_score(task: Task, l2: list[float], embeddings: Callable[[np.ndarray], np.ndarray]) -> float:
     split = task.splits[0]
     positions = np.concatenate([split.train, split.val])
-    pooled = embed(encoder, task, batch_size, device, pooling, positions)
+    pooled = embeddings(positions)
     emb = np.zeros((len(task.y), pooled.shape[1]), dtype=np.float32)
     emb[positions] = pooled
     return fit_probe(task, emb, EvalSplit(split.name, split.train, split.val, split.val), l2)[task.metric]

@@ -18,7 +18,7 @@ from ajepa.config import Params
 from ajepa.data.staging import expand_target, stage_store
 from ajepa.data.store import FeatureStore, StoreUnion
 from ajepa.device import pick_device
-from ajepa.downstream.linear import validation_probe
+from ajepa.downstream.linear import fbank_validation_probe, validation_probe
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.interrupt import StopSignals
@@ -59,17 +59,22 @@ def pool(params: Params) -> StoreUnion:
 
 def learning_curve(params: Params, device: torch.device):
     """evaluate(step, model) for the pretraining loop: the validation probe (ajepa.downstream.linear) of
-    each configured encoder on the labeled clips of each pretraining dataset that has them, or None when
-    pretrain.probe.every is 0 or no pretraining dataset is labeled."""
+    each configured encoder on the labeled clips of each pretraining dataset that has them, beside the
+    same probe of the time-averaged fbank (`probe/BENCH/fbank`, computed once: a level line on the
+    curve), or None when pretrain.probe.every is 0 or no pretraining dataset is labeled."""
     cfg = params.pretrain.probe
     labeled = [d for d in params.pretrain.datasets if FeatureStore(paths.features_dir(d)).stats.get("classes")]
     if not cfg.every or not labeled:
         return None
     tasks = {b: load_task(b, paths.features_dir(b)) for b in labeled}
+    fbank = {}
 
     def evaluate(step: int, model) -> dict:
-        return {f"probe/{bench}/{which}": validation_probe(getattr(model, f"{which}_encoder"), task, cfg.l2, device)
-                for bench, task in tasks.items() for which in cfg.encoders}
+        if not fbank:
+            fbank.update({f"probe/{b}/fbank": fbank_validation_probe(task, cfg.l2) for b, task in tasks.items()})
+        return {**{f"probe/{bench}/{which}": validation_probe(getattr(model, f"{which}_encoder"), task, cfg.l2,
+                                                             device)
+                   for bench, task in tasks.items() for which in cfg.encoders}, **fbank}
     return evaluate
 
 

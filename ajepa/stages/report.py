@@ -8,12 +8,13 @@ import json
 import math
 
 from ajepa import paths
-from ajepa.atomic import write_json, write_text
+from ajepa.atomic import write_csv, write_json, write_text
 from ajepa.config import Params
 from ajepa.datasets.registry import PAPER_RESULTS
 from ajepa.downstream.metrics import SECONDARY
 from ajepa.errors import AjepaError
-from ajepa.plots import learning_curves, plot_benchmark_bars, plot_learning_curve, plot_pretrain_curves
+from ajepa.plots import (CURVE_SERIES, learning_curve_tables, learning_curves, plot_benchmark_bars,
+                         plot_learning_curve, plot_pretrain_curves)
 from ajepa.stages.outcome import FAILED
 from ajepa.train.schedules import peak_lr
 
@@ -136,15 +137,24 @@ def run(params: Params) -> str:
     metrics_dir = paths.pretrain_live_dir() / "plots" / "metrics"
     plot_pretrain_curves(metrics_dir / "train", out / "plots" / "pretrain.png")
     curves = learning_curves(metrics_dir)
-    if curves:
-        plot_learning_curve(curves, out / "plots" / "learning_curve.png")
+    write_learning_curves(curves, params.pretrain.optim.batch_size, out / "plots" / "learning_curve")
     for bench, rows in summary.items():
         metric = info[bench]["metric"]
         plot_benchmark_bars(bench, {m: r for m, r in rows.items() if r[metric] is not None}, metric,
                             PAPER_RESULTS.get(bench, {}), out / "plots" / f"{bench}.png")
-    write_text(out / "report.md", render(summary, info, pretrain, curves, params))
+    ablation = paths.ablation_table()
+    write_text(out / "report.md", render(summary, info, pretrain, curves, params,
+                                         ablation.read_text() if ablation.exists() else None))
     return "\n".join([f"report: {out / 'report.md'}, {out / 'summary.json'}, plots in {out / 'plots'}/",
                       *(f"  {b}: {p}" for b, lines in problems.items() for p in lines)])
+
+
+def write_learning_curves(curves: dict, batch_size: int, folder) -> None:
+    """Each pretraining dataset's learning curve as FOLDER/BENCH.png and its data as FOLDER/BENCH.csv (the
+    DVC plot of dvc.yaml, against clips seen)."""
+    for bench, table in learning_curve_tables(curves, batch_size).items():
+        write_csv(folder / f"{bench}.csv", table)
+        plot_learning_curve(bench, table, folder / f"{bench}.png")
 
 
 def checks(bench: str, rows: dict, info: dict) -> list[str]:
@@ -184,7 +194,16 @@ def table_rows(bench: str, rows: dict, info: dict) -> list[str]:
     return lines
 
 
-def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Params) -> str:
+def _curve_label(name: str) -> str:
+    """"synth, context encoder" for the learning curve "synth/context"."""
+    bench, series = name.split("/", 1)
+    return f"{bench}, {CURVE_SERIES.get(series, series)}"
+
+
+def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Params,
+           ablation: str | None = None) -> str:
+    """report.md: the setup, the results table, the checks, the learning curve and, when `ajepa ablate
+    --table` wrote one, the ablation table."""
     e, p, o = params.pretrain.encoder, params.pretrain.predictor, params.pretrain.optim
     lines = [
         "# A-JEPA results",
@@ -213,12 +232,16 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
         steps = sorted({int(s) for c in curves.values() for s in c.index})
         lines += ["", "## Learning curve", "",
                   "Validation score of a linear probe (train clips -> val clips; test clips unused) of the model "
-                  "being pretrained, by pretraining step (`plots/learning_curve.png`):", "",
-                  "| step | " + " | ".join(n.replace("/", ", ") + " encoder" for n in curves) + " |",
+                  "being pretrained, by pretraining step (step 0: the untrained encoder; the fbank's score is "
+                  "the same probe of the time-averaged spectrogram; `plots/learning_curve/`):", "",
+                  "| step | " + " | ".join(_curve_label(n) for n in curves) + " |",
                   "|---|" + "---|" * len(curves)]
         for s in steps:
             cells = [f"{c[s]:.1f}" if s in c.index else "" for c in curves.values()]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if ablation:
+        lines += ["", "## Ablations", "", f"The paper's ablations as DVC experiments (`ajepa ablate`; "
+                  f"`{paths.ablation_table()}`, docs/experiments.md):", "", ablation.rstrip()]
     lines += [
         "",
         "How to read it: `this run` is the mean over the protocol's runs (± the population std over folds for "
@@ -230,7 +253,8 @@ def render(summary: dict, info: dict, pretrain: dict, curves: dict, params: Para
         "results of ViT-B models pretrained on AudioSet-2M; they compare with the fine-tuned rows of "
         "a paper-preset run, not with the embedded default. " + SELECTION_NOTE,
         "",
-        "Plots: `plots/pretrain.png` (pretraining curves), " + ("`plots/learning_curve.png`, " if curves else "") +
+        "Plots: `plots/pretrain.png` (pretraining curves), " +
+        ("`plots/learning_curve/BENCH.png` (against steps and clips seen), " if curves else "") +
         ", ".join(f"`plots/{b}.png`" for b in summary) + " (per benchmark).",
         "",
     ]

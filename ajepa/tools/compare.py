@@ -46,6 +46,19 @@ def _file_data(rev: dict, kind: str, path: str) -> dict:
     return ((rev.get("data") or {}).get(kind) or {}).get(path, {}).get("data") or {}
 
 
+def summary_of(rev: dict) -> dict:
+    """The results/summary.json of one `dvc exp show --json` revision ({} when it has none)."""
+    return _file_data(rev, "metrics", SUMMARY)
+
+
+def experiments(shown: list):
+    """(name, revision) of every experiment in `dvc exp show --json` output (commits and workspace left out)."""
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                yield rev.get("name") or exp.get("name") or rev["rev"][:7], rev
+
+
 def _score(row: dict) -> str:
     """The headline number of one summary row (its first key: the benchmark's metric), starred when partial."""
     if not row:
@@ -67,7 +80,7 @@ def make_row(rev: dict, name: str, baseline: dict | None) -> Row:
         changed = {k: v for k, v in params.items() if baseline.get(k) != v}
         changed.update({k: None for k in baseline if k not in params})
         changes = " ".join(f"{k}={_show(v)}" for k, v in changed.items()) or "(no change)"
-    summary = _file_data(rev, "metrics", SUMMARY)
+    summary = summary_of(rev)
     return Row(name, changes, {bench: " ".join(_score(rows.get(m, {})) for m in HEADLINE)
                                for bench, rows in summary.items() if isinstance(rows, dict)})
 
@@ -84,9 +97,7 @@ def table_rows(shown: list) -> list[Row]:
             continue
         rows.append(make_row(entry, entry.get("name") or entry["rev"][:7], None))
         base = flatten(_file_data(entry, "params", PARAMS))
-        for exp in entry.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                rows.append(make_row(rev, rev.get("name") or exp.get("name") or rev["rev"][:7], base))
+        rows += [make_row(rev, name, base) for name, rev in experiments([entry])]
     return rows
 
 
@@ -113,6 +124,11 @@ def render(rows: list[Row], width: int = 120) -> str:
 
 def run(width: int = 120) -> str:
     """`dvc exp show --json` in the current repository, as the table."""
+    return render(table_rows(show()), width)
+
+
+def show() -> list:
+    """`dvc exp show --json` of the current repository, parsed."""
     try:
         r = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
     except FileNotFoundError:
@@ -120,4 +136,4 @@ def run(width: int = 120) -> str:
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise AjepaError(f"dvc exp show failed: {last}")
-    return render(table_rows(json.loads(r.stdout)), width)
+    return json.loads(r.stdout)

@@ -68,7 +68,7 @@ def merge(params: dict, preset: dict, source: str = "preset", prefix: str = "") 
     for key, new in preset.items():
         dotted = f"{prefix}{key}"
         if not isinstance(params, dict) or key not in params:
-            raise ConfigError(f"{source}: {dotted}: not a key of {PARAMS_FILE} (a preset only changes existing keys)")
+            raise ConfigError(f"{source}: {dotted}: not a key of {PARAMS_FILE} (only existing keys can be changed)")
         old = params[key]
         if isinstance(new, dict):
             if not isinstance(old, dict):

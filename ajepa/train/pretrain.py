@@ -198,10 +198,17 @@ def _metrics(cfg: PretrainConfig, model: AJEPA, run: RunState, position_loss: fl
                "train/samples_per_s": run.seen_since_log / max(now - run.last_log, 1e-9),
                "train/target_rank": run.target_rank}
     if evaluate is not None and cfg.probe.every and (run.step % cfg.probe.every == 0 or run.step == total_steps):
-        metrics.update(evaluate(run.step, model))
-        model.train()
-        run.probing += time.perf_counter() - now
+        metrics.update(_probe(model, run, evaluate))
     run.last_log, run.seen_since_log = time.perf_counter(), 0
+    return metrics
+
+
+def _probe(model: AJEPA, run: RunState, evaluate) -> dict:
+    """The learning-curve probe of the model after run.step steps, its seconds counted apart from training."""
+    now = time.perf_counter()
+    metrics = evaluate(run.step, model)
+    model.train()
+    run.probing += time.perf_counter() - now
     return metrics
 
 
@@ -221,11 +228,12 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
              stop_requested: Callable[[], int | None] | None = None) -> PretrainResult:
     """Train (or resume) to the configured number of steps; rank 0 logs and writes every output.
 
-    `open_log(start_step)` returns the `log(step, metrics)` that receives the training metrics every
-    `log_every` steps (rank 0 only; it is told the start step so that it can drop what an interrupted
-    run logged after its last checkpoint);
+    `open_log(first)` returns the `log(step, metrics)` that receives the training metrics every
+    `log_every` steps, `step` being the steps done (rank 0 only; it is told the first step this run logs
+    so that it can drop what an interrupted run logged after its last checkpoint);
     `stop_after` ends the run early after that many steps as if interrupted (tests, time-boxed jobs);
-    `evaluate(steps_done, model)`, on rank 0 every `cfg.probe.every` steps and at the end, returns
+    `evaluate(steps_done, model)`, on rank 0 before the first step of a fresh run (step 0: the untrained
+    model), every `cfg.probe.every` steps and at the end, returns
     metrics logged with the others (the learning-curve probe); `stop_requested()`, asked after every
     step, returns a signal number when the run should save and stop there (ajepa.interrupt): it then
     raises Interrupted once the checkpoint is saved.
@@ -238,12 +246,17 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
     engine = Engine("pretrain", parts, dist, paths.state / "checkpoint.pt", run_hash(cfg, store))
     run = RunState.resumed(engine.resume())
     start_step, engine.saved = run.step, run.step or None
-    log = engine.tracker(open_log, start_step)
+    # rows are logged at the steps done (0: the untrained model); a resumed run keeps the rows up to its
+    # checkpoint's step and drops what the interrupted run logged after it
+    log = engine.tracker(open_log, start_step + 1 if start_step else 0)
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     loader = _loader(cfg, store, dist, total_steps, start_step, end_step)
     engine.configure(cfg.optim.batch_size // dist.world_size, cfg.micro_batch, cfg.activation_checkpointing,
                      cfg.compile, probe_loss(cfg, model, grid, patch_size, total_steps, dist.device))
     model.train()
+    if dist.is_main and evaluate is not None and cfg.probe.every and start_step == 0:
+        log(0, _probe(model, run, evaluate))  # the curve starts at random init
+        run.last_log = time.perf_counter()
     bar = progress(end_step - start_step, "pretrain", "step", enabled=dist.is_main)
 
     def step(batch: PretrainBatch) -> int:
@@ -257,7 +270,7 @@ def pretrain(cfg: PretrainConfig, store: FeatureStore | StoreUnion, paths: Pretr
         run.seen, run.seen_since_log = run.seen + cfg.optim.batch_size, run.seen_since_log + cfg.optim.batch_size
         bar.update(1)
         if dist.is_main and (run.step % cfg.log_every == 0 or run.step == end_step):
-            log(batch.step, _metrics(cfg, model, run, position_loss, schedule, evaluate, total_steps))
+            log(run.step, _metrics(cfg, model, run, position_loss, schedule, evaluate, total_steps))
             bar.set_postfix(loss=f"{run.loss:.4f}")
         return run.step
 
