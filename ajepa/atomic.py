@@ -26,8 +26,8 @@ import re
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ajepa.errors import AjepaError, Interrupted
 

@@ -19,8 +19,19 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ajepa.choices import (ClassifierLoss, Encoder, HeadInit, HeadNorm, Loss, LrScaling, MaskMode, Pooling,
-                           PredictorInit, Selection, Split)
+from ajepa.choices import (
+    ClassifierLoss,
+    Encoder,
+    HeadInit,
+    HeadNorm,
+    Loss,
+    LrScaling,
+    MaskMode,
+    Pooling,
+    PredictorInit,
+    Selection,
+    Split,
+)
 from ajepa.datasets.download import Checksum
 from ajepa.datasets.registry import REGISTRY
 from ajepa.errors import ConfigError
@@ -323,7 +334,7 @@ class PretrainConfig:
     checkpoint_every: int  # steps between resumable checkpoints
     log_every: int  # steps between logged points
     num_workers: int  # data-loader worker processes
-    micro_batch: Literal["auto"] | int | None  # clips per forward/backward on each process (gradient accumulation); null = the whole share of optim.batch_size; auto = the most that fit (CUDA)
+    micro_batch: Literal["auto"] | int | None  # clips per forward/backward per process; null = its share of the batch; auto = the most that fit
     activation_checkpointing: bool  # recompute block activations in the backward pass: less memory, ~1/3 more compute
     compile: bool  # torch.compile the transformer blocks (docs/compute.md)
 
@@ -376,7 +387,7 @@ class FinetuneConfig:
     random_init_baseline: bool  # also fine-tune the same architecture from random init
     runs: int  # the first `runs` runs of the protocol (folds); 0 = all of them
     seed: int  # head init, batch order, augmentation and the random-init baseline's weights
-    micro_batch: Literal["auto"] | int | None  # clips per forward/backward (gradient accumulation); null = batch_size; auto = the most that fit (CUDA)
+    micro_batch: Literal["auto"] | int | None  # clips per forward/backward; null = batch_size; auto = the most that fit (CUDA)
     activation_checkpointing: bool  # recompute block activations in the backward pass: less memory, ~1/3 more compute
     num_workers: int  # data-loader processes that build the batches ahead; 0 = in the training process
     prefetch: int  # batches each worker builds ahead (torch's prefetch_factor); unused at num_workers 0
@@ -455,7 +466,7 @@ class DistributedConfig:
     (docs/cluster.md)."""
 
     device: Literal["auto", "cuda", "cpu"]  # cuda: stop in one line without a usable GPU; auto: the GPU when CUDA works, else the CPU
-    processes: Union[Literal["auto"], int]  # auto: one per visible CUDA device (1 without CUDA); N: N processes
+    processes: Literal["auto"] | int  # auto: one per visible CUDA device (1 without CUDA); N: N processes
     backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on CUDA devices, gloo on the CPU
     stage_to: str | None  # pretrain reads its stores from a verified copy here ($VARS expanded); null: in place
 

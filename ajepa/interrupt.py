@@ -80,7 +80,7 @@ class StopSignals:
             return
         self._previous_hook(info)
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
@@ -94,7 +94,7 @@ class StopSignals:
             sys.unraisablehook, self._previous_hook = self._previous_hook, None
         self._previous = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         return self.install()
 
     def __exit__(self, *exc) -> None:

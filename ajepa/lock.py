@@ -16,8 +16,8 @@ import fcntl
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ajepa.atomic import make_parent, write_errors
 from ajepa.errors import AjepaError

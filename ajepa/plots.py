@@ -89,7 +89,7 @@ def read_curve(path: Path):
     return table.set_index("step")[path.stem]
 
 
-def learning_curves(curves_dir: Path) -> dict[str, "object"]:
+def learning_curves(curves_dir: Path) -> dict[str, object]:
     """{"BENCH/ENCODER": Series by step} from the `probe/...` metrics of the pretraining curves."""
     root = curves_dir / "probe"
     return {f"{p.parent.name}/{p.stem}": read_curve(p) for p in sorted(root.glob("*/*.tsv"))} if root.is_dir() else {}

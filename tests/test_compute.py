@@ -98,7 +98,7 @@ def test_accumulated_finetuning_step_equals_the_full_batch_step(micro, tmp_path)
         g = torch.Generator().manual_seed(5)
         x, y = finetune.augment(task.clips(task.splits[0].train[:8]).double(), torch.eye(4, dtype=torch.float64)[task.y[:8]],
                                 cfg, -5.0, 4.0, g,
-                                partners=lambda n: finetune.mixup_partners(task, task.splits[0], n, g))
+                                partners=lambda n, g=g: finetune.mixup_partners(task, task.splits[0], n, g))
         runs.append((run, finetune.train_step(run, x, y, cfg, g)))
     (full, loss_full), (split, loss_split) = runs
     assert loss_full == pytest.approx(loss_split, rel=1e-6)

@@ -156,7 +156,7 @@ def test_loader_same_batches_with_and_without_workers(store):
     assert_same(serial, parallel)
     sampler = StepBatchSampler(len(store), B, seed, total_steps=steps)
     assert [b[0] for b in serial] == list(range(steps))
-    for (step, x, ctx, tgt, mode), (s, idx) in zip(serial, sampler):
+    for (step, x, ctx, tgt, mode), (_s, idx) in zip(serial, sampler):
         assert torch.equal(x, torch.stack([store[i] for i in idx]))
         m = gen(B, step)
         assert torch.equal(ctx, m.context) and torch.equal(tgt, m.targets) and mode == m.mode

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-
 
 # Decoded integer PCM lies in [-1, 1); float files may exceed full scale (mastering headroom, sums of
 # tracks), but a sample beyond this bound is a broken or mis-scaled file, and its squares overflow the
@@ -40,7 +39,7 @@ class FrontEnd:
     _resamplers: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_config(cls, cfg) -> "FrontEnd":
+    def from_config(cls, cfg) -> FrontEnd:
         return cls(cfg.sample_rate, cfg.num_mel_bins, cfg.frame_shift_ms, cfg.frame_length_ms)
 
     @property

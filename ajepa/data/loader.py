@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import math
 import signal
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ajepa.datasets.manifest import LABEL_SEPARATOR  # manifests join a clip's class names with it
 from ajepa.data.augment import ClipAugment
 from ajepa.data.store import FeatureStore, StoreUnion
+from ajepa.datasets.manifest import LABEL_SEPARATOR  # manifests join a clip's class names with it
 from ajepa.errors import AjepaError
 from ajepa.masks import MaskGenerator, Masks
 from ajepa.seeding import numpy_rng
@@ -135,7 +136,7 @@ class PretrainBatch(NamedTuple):
     masks: Masks  # context [B, Kc], targets [B, M, Kt]
     step: int
 
-    def pin_memory(self) -> "PretrainBatch":
+    def pin_memory(self) -> PretrainBatch:
         # DataLoader's pin_memory thread calls this; the default leaves a dataclass like Masks unpinned,
         # and pinned index tensors let the training step copy them with non_blocking=True as well.
         m = self.masks

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -51,7 +50,7 @@ class Checksum:
     hexdigest: str
 
     @classmethod
-    def parse(cls, text: str) -> "Checksum":
+    def parse(cls, text: str) -> Checksum:
         """'sha256:HEX' or 'md5:HEX' (the form params.yaml uses)."""
         algorithm, _, digest = text.partition(":")
         lengths = {"sha256": 64, "md5": 32}
@@ -208,7 +207,7 @@ def _attempt(url: str, part: Path, have: int, timeout_s: float, bar) -> bool:
             while True:
                 try:
                     block = response.read(CHUNK)
-                except (http.client.IncompleteRead, socket.timeout, ConnectionError) as e:
+                except (TimeoutError, http.client.IncompleteRead, ConnectionError) as e:
                     raise _Interrupted(f"{type(e).__name__} after {have + received} bytes") from None
                 if not block:
                     break

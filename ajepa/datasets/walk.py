@@ -9,7 +9,7 @@ so a link to a folder listed elsewhere adds nothing either.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["walk_files"]
 

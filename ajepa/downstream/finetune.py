@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from itertools import islice
-from typing import Callable, Iterable, Iterator, NamedTuple
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,12 +44,14 @@ from torch.utils.data import Dataset
 from ajepa.config import FinetuneConfig
 from ajepa.data.augment import add_noise, mix_targets, mixup_draws, power_mix, roll_time, scale_magnitude
 from ajepa.data.loader import step_loader
+from ajepa.downstream.linear import fit_logistic
 from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.errors import AjepaError
 from ajepa.models import SpectrogramEncoder
+from ajepa.models.state import check_state
 from ajepa.progress import progress
 from ajepa.seeding import torch_generator
-from ajepa.train.checkpoint import check_state, restoring
+from ajepa.train.checkpoint import restoring
 from ajepa.train.engine import Engine, single_process
 from ajepa.train.schedules import WarmupCosine, layer_decay_groups
 
@@ -99,7 +102,7 @@ def probe_head(model: Classifier, task: Task, split: EvalSplit, l2: list[float],
     """LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): set the head to the
     logistic regression of the frozen model's head inputs (train clips, L2 strength chosen on the val
     clips), so fine-tuning starts from the linear probe instead of from a random head."""
-    from ajepa.downstream.linear import fit_logistic
+
 
     model.eval()
     positions = np.concatenate([split.train, split.val])
@@ -228,7 +231,7 @@ class FinetuneBatch(NamedTuple):
     y2: torch.Tensor  # [B, C] their targets
     step: int
 
-    def pin_memory(self) -> "FinetuneBatch":
+    def pin_memory(self) -> FinetuneBatch:
         return FinetuneBatch(*(t.pin_memory() for t in self[:4]), self.step)
 
 
@@ -327,7 +330,7 @@ def train_epoch(engine: Engine, batches: Iterable[FinetuneBatch], cfg: FinetuneC
         g = torch_generator(cfg.seed, "finetune-step", batch.step)
         # augmented where the model runs: on a GPU, the CPU would otherwise hold back a large batch
         x, y = augment(batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True), cfg, mean, std,
-                       g, partners=lambda n: (batch.x2[:n], batch.y2[:n]))
+                       g, partners=lambda n, batch=batch: (batch.x2[:n], batch.y2[:n]))
         losses.append(train_step(engine, x, y, cfg, g))
         bar.update(1)
     return float(np.mean(losses))

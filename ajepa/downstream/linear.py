@@ -24,8 +24,8 @@ every machine. The attentive probe reads its batches of tokens by position from 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch

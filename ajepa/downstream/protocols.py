@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from ajepa.data.loader import SpectrogramDataset
-from ajepa.downstream import metrics
 from ajepa.data.store import FeatureStore
+from ajepa.downstream import metrics
 from ajepa.errors import AjepaError
 
 __all__ = ["EvalSplit", "Task", "eval_splits", "load_task", "LABELED_SPLITS"]

@@ -11,8 +11,8 @@ The file is a plain .npy (`np.load` reads it), so an older in-memory cache of th
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 

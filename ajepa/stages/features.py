@@ -5,9 +5,9 @@ from __future__ import annotations
 from ajepa import paths
 from ajepa.config import Params
 from ajepa.data.frontend import FrontEnd
+from ajepa.data.store import extract_features
 from ajepa.datasets.manifest import read_manifest
 from ajepa.datasets.registry import REGISTRY
-from ajepa.data.store import extract_features
 
 
 def run(params: Params, dataset: str) -> str:

@@ -16,8 +16,8 @@ from ajepa.atomic import write_csv, write_json
 from ajepa.config import Params
 from ajepa.device import pick_device
 from ajepa.downstream.common import build_encoder, file_sha256, summarize, summary_lines
-from ajepa.downstream.metrics import multilabel_metrics, secondary
 from ajepa.downstream.finetune import finetune_run, result_dict
+from ajepa.downstream.metrics import multilabel_metrics, secondary
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS

@@ -26,8 +26,14 @@ from ajepa.choices import Encoder, names
 from ajepa.config import Params
 from ajepa.device import pick_device
 from ajepa.downstream.common import build_encoder, file_sha256, summary_lines
-from ajepa.downstream.linear import (cached_embeddings, evaluate_embeddings, evaluate_tokens, fbank_batches,
-                                     pooled_batches, token_batches)
+from ajepa.downstream.linear import (
+    cached_embeddings,
+    evaluate_embeddings,
+    evaluate_tokens,
+    fbank_batches,
+    pooled_batches,
+    token_batches,
+)
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS, read_config
@@ -94,7 +100,7 @@ def probe_rows(task, cfg, chosen: str, encoder_paths: dict, cache: EmbeddingCach
     grid, attentive, rows = tuple(task.store.stats["grid"]), cfg.attentive.epochs > 0, {}
     for which in (chosen, *(e for e in names(Encoder) if e != chosen)):
         path = encoder_paths[which]
-        r = _probe(task, cache, cfg, f"{which}-{file_sha256(path / WEIGHTS)[:12]}", lambda: build_encoder(path, grid),
+        r = _probe(task, cache, cfg, f"{which}-{file_sha256(path / WEIGHTS)[:12]}", lambda path=path: build_encoder(path, grid),
                    attentive and which == chosen, f"the {which} encoder {path / WEIGHTS}", device)
         rows["linear" if which == chosen else f"linear_{which}_encoder"] = r["linear"]
         if "attentive" in r:

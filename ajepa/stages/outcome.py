@@ -8,8 +8,8 @@ benchmark fails"). The stage still exits non-zero: DVC and Snakemake record it a
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ajepa.atomic import write_json
 from ajepa.errors import AjepaError

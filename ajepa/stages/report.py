@@ -13,8 +13,14 @@ from ajepa.config import Params
 from ajepa.datasets.registry import PAPER_RESULTS
 from ajepa.downstream.metrics import SECONDARY
 from ajepa.errors import AjepaError
-from ajepa.plots import (CURVE_SERIES, learning_curve_tables, learning_curves, plot_benchmark_bars,
-                         plot_learning_curve, plot_pretrain_curves)
+from ajepa.plots import (
+    CURVE_SERIES,
+    learning_curve_tables,
+    learning_curves,
+    plot_benchmark_bars,
+    plot_learning_curve,
+    plot_pretrain_curves,
+)
 from ajepa.stages.outcome import FAILED
 from ajepa.train.schedules import peak_lr
 

@@ -16,13 +16,24 @@ import torch
 import torchaudio
 
 from ajepa import masks
+from ajepa.config import load_params
 from ajepa.cpus import available_cpus
-from ajepa.datasets import synth
 from ajepa.data.frontend import FrontEnd
-from ajepa.data.store import extract_features
+from ajepa.data.loader import pretrain_loader
+from ajepa.data.store import FeatureStore, extract_features
+from ajepa.datasets import synth
 from ajepa.device import pick_device
+from ajepa.downstream.finetune import StepBatches, batch_stream
+from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.errors import AjepaError
+from ajepa.models import set_activation_checkpointing
 from ajepa.models.vit import SIZES
+from ajepa.tools import flops, scale
+from ajepa.tools.probebench import bench_probe, format_probe
+from ajepa.train.compute import compile_blocks
+from ajepa.train.engine import autocast_for
+from ajepa.train.pretrain import build_mask_generator, build_model, train_step
+from ajepa.train.schedules import param_groups
 
 BENCH_SR, BENCH_SECONDS = 44100, 10.0
 
@@ -112,11 +123,6 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     are pretrain.compile and pretrain.activation_checkpointing; with `compile` the first steps
     (compilation included) are timed apart from the steady state. Peak memory: see _memory.
     """
-    from ajepa.tools import flops
-    from ajepa.models import set_activation_checkpointing
-    from ajepa.train.engine import autocast_for
-    from ajepa.train.pretrain import build_model, train_step
-    from ajepa.train.schedules import param_groups
 
     dev = pick_device(device, key="--device")
     cuda = dev.type == "cuda"
@@ -214,7 +220,6 @@ def _peak_memory(dev: torch.device, per_mode: dict) -> dict:
 def _compile(model, opt, step_fn, x: torch.Tensor, cfg, grid) -> float:
     """torch.compile the blocks and time the first steps apart (seconds): two of each masking mode, since
     a block compiles for its first input size and again when a size changes, after which it takes any."""
-    from ajepa.train.compute import compile_blocks
 
     compile_blocks(model)
     t0 = time.perf_counter()
@@ -232,7 +237,6 @@ def _time_mode(model, opt, step_fn, x: torch.Tensor, cfg, mode: str, grid, steps
                peaks: list[float], baseline: int) -> dict:
     """Time `steps` real steps with `mode` masks; measure the matmul peak after them (appended to
     `peaks`) and relate the step's model FLOP/s to the mean of the peaks before and after (MFU)."""
-    from ajepa.tools import flops
 
     dev, batch = x.device, x.shape[0]
     enc_cfg, pred_cfg, _ = flops.model_configs(model)
@@ -315,7 +319,6 @@ def _loader_store(root: Path, clips: int, frames: int) -> Path:
 
 def _time_loader(store, batch: int, gen, workers: int, steps: int, warmup: int = 2) -> float:
     """Clips per second the pretraining loader (clips + the collate's masks) yields with `workers` processes."""
-    from ajepa.data.loader import pretrain_loader
 
     loader = pretrain_loader(store, batch, gen, seed=0, total_steps=warmup + steps, num_workers=workers,
                              pin_memory=False)
@@ -342,8 +345,6 @@ def bench_loader(params, store: str | None = None, clips: int = 1024, frames: in
     to feed 8 H100s at the compute plan's rate; beside them, fine-tuning's batches from the same store
     (`bench_finetune_loader`). Reads come from the page cache (the store was just written or read): a
     cold disk can only be slower."""
-    from ajepa.data.store import FeatureStore
-    from ajepa.train.pretrain import build_mask_generator
 
     benchmark = benchmark or params.pipeline.benchmarks[0]
     params.recipe(benchmark)  # an unknown benchmark fails before any store is built
@@ -370,8 +371,6 @@ def bench_finetune_loader(params, store, benchmark: str, batch: int, steps: int,
     """Training clips/s of fine-tuning's batches (`benchmark`'s recipe: its sampling, and its mixup partners,
     read as well) from `store` clip by clip, as a benchmark too large to hold in memory is read, per loader
     worker count."""
-    from ajepa.downstream.finetune import StepBatches, batch_stream
-    from ajepa.downstream.protocols import EvalSplit, Task
 
     clips = np.arange(len(store))
     split = EvalSplit("bench", clips, clips[:0], clips[:0])  # every clip a training clip of one class
@@ -408,23 +407,19 @@ def _format_loader(r: dict) -> str:
 
 def run(args) -> str:
     if args.bench == "pretrain":
-        from ajepa.config import load_params
         r = bench_pretrain(load_params(args.params), encoder=args.encoder, target_length=args.target_length,
                            batch=args.batch, predictor_dim=args.predictor_dim, predictor_depth=args.predictor_depth,
                            steps=args.steps, threads=args.threads, device=args.device, compile=args.compile,
                            activation_checkpointing=args.activation_checkpointing)
         return json.dumps(r) if args.json else _format_pretrain(r)
     if args.bench == "loader":
-        from ajepa.config import load_params
         r = bench_loader(load_params(args.params), store=args.store, clips=args.clips, frames=args.frames,
                          batch=args.batch, steps=args.steps, workers=tuple(args.workers), benchmark=args.benchmark)
         return json.dumps(r) if args.json else _format_loader(r)
     if args.bench == "probe":
-        from ajepa.tools.probebench import bench_probe, format_probe
         r = bench_probe(args.clips, args.width, block_mb=args.block_mb, max_iter=args.max_iter, device=args.device)
         return json.dumps(r) if args.json else format_probe(r)
     if args.bench == "scale":
-        from ajepa.tools import scale
         r = scale.bench_scale(args.params, args.clips, args.nofile, args.memory_gb, args.readonly, args.folder)
         return json.dumps(r) if args.json else scale.format_scale(r)
     if args.bench == "features":

@@ -45,7 +45,8 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -33,8 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -363,7 +363,7 @@ def _checks_on_a_project(r: dict, tmp: Path, params_file: str, miniature: bool) 
         guarded(r, "resume", lambda: check_resume(project(tmp / "b", params, base / "data"), runs["a"], cuda))
         guarded(r, "downstream", lambda: check_downstream(a))
         for name in ("ddp", "torchrun"):
-            guarded(r, name, lambda: check_spread(tmp / name, runs["a"], params, base / "data", cuda,
+            guarded(r, name, lambda name=name: check_spread(tmp / name, runs["a"], params, base / "data", cuda,
                                                   torchrun=name == "torchrun"))
 
 

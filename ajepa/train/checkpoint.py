@@ -24,10 +24,9 @@ import torch
 
 from ajepa.atomic import atomic_path, fsync
 from ajepa.errors import AjepaError, first_line
-from ajepa.models.state import check_state  # re-exported: downstream/finetune.py imports it from here
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "config_hash", "file_sha256",
-           "check_state", "load_optimizer", "restoring"]
+           "load_optimizer", "restoring"]
 
 # Exact types: subclasses such as numpy.float64 (a float) or defaultdict (a dict) pickle as their own
 # class, which the weights_only unpickler refuses. Tensor subclasses (nn.Parameter) are fine.

@@ -12,8 +12,8 @@ gradient, up to float rounding. Under DDP the gradients are all-reduced on the l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 import torch.nn as nn

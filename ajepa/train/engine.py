@@ -24,9 +24,10 @@ process r takes the state of process r mod N.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,8 +38,7 @@ from ajepa.interrupt import signal_name
 from ajepa.models import set_activation_checkpointing
 from ajepa.models.state import load_fitting
 from ajepa.train.checkpoint import load_checkpoint, load_optimizer, restoring, rng_state, save_checkpoint, set_rng_state
-from ajepa.train.compute import (accumulate, compile_blocks, fits_in_cuda_memory, min_over_processes,
-                                 resolve_micro_batch)
+from ajepa.train.compute import accumulate, compile_blocks, fits_in_cuda_memory, min_over_processes, resolve_micro_batch
 from ajepa.train.distributed import DistInfo, all_reduce_mean, max_over_ranks
 from ajepa.train.finite import NonFinite, check_loss, check_weights
 

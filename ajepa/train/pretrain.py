@@ -14,9 +14,9 @@ whose gradients add up to the batch's (ajepa.train.compute); the rest still happ
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -174,7 +174,7 @@ class RunState:
         return self.seconds_before + time.perf_counter() - self.started - (self.probing - self.probing_before)
 
     @classmethod
-    def resumed(cls, counters: dict | None) -> "RunState":
+    def resumed(cls, counters: dict | None) -> RunState:
         """The state of a run that starts afresh (None) or resumes from a checkpoint's counters."""
         if counters is None:
             return cls()
