@@ -30,9 +30,9 @@ import yaml
 
 from ajepa import paths
 from ajepa.atomic import write_text
+from ajepa.choices import MaskMode, names
 from ajepa.config import PARAMS_FILE, parse_params, read_yaml
 from ajepa.errors import AjepaError, ConfigError
-from ajepa.masks import MODES
 from ajepa.tools import compare
 from ajepa.tools.presets import apply_preset, merge
 
@@ -59,7 +59,7 @@ class Variant:
 
 
 VARIANTS = {v.name: v for v in [
-    *(Variant(f"mask-{m}", "masking", "pretrain.masking.mode", m, "pretrain.seed") for m in MODES),
+    *(Variant(f"mask-{m}", "masking", "pretrain.masking.mode", m, "pretrain.seed") for m in names(MaskMode)),
     *(Variant(f"regmask-{r:g}", "fine-tuning", "finetune.BENCH.key_mask_ratio", r, "finetune.BENCH.seed")
       for r in RATIOS)]}
 

@@ -79,6 +79,7 @@ print(len(split.train), sum(len(b.x) + len(b.x2) for b in finetune.batch_stream(
 """
 
 
+@pytest.mark.slow
 def test_fine_tuning_loader_workers_reading_the_shards_keep_their_open_files_bounded(project):
     """A benchmark too large to hold in memory is read from the store by the loader workers: each reads
     more shards than a 128-descriptor limit allows open (16 clips and 16 mixup partners a step, in
