@@ -1,4 +1,5 @@
 import hashlib
+import multiprocessing.context
 import os
 import shutil
 import subprocess
@@ -65,7 +66,6 @@ def make_project_copy(dest: Path, params: dict, git: bool = True) -> Path:
     return dest
 
 
-
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 # `snakemake --cores 2` runs each training job with OMP_NUM_THREADS=2; the same thread count for DVC, as
 # float sums depend on it (in the last bits) and the tests compare the two byte for byte
@@ -93,6 +93,7 @@ def copy_project(src: Path, dest: Path) -> Path:
     """A copy of a project folder with its git history, DVC cache and outputs (links kept as links)."""
     shutil.copytree(src, dest, symlinks=True)
     return dest
+
 
 def run(cmd, cwd, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -177,7 +178,6 @@ def _processes_need_the_slow_marker(request, monkeypatch):
     if request.node.get_closest_marker("slow"):
         yield
         return
-    import multiprocessing.context
     started = []
     popen = subprocess.Popen.__init__
 
