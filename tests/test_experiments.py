@@ -43,6 +43,29 @@ def _wait_for_queue(root, timeout: float = 600) -> None:
 
 
 @pytest.mark.slow
+def test_bytecode_caches_do_not_change_a_code_folders_hash(tmp_path):
+    """Stages depend on code folders (ajepa/data, ajepa/models). A used checkout has __pycache__ in them
+    and a queued experiment's fresh copy has none: if DVC hashed them, every queued or --temp run would
+    see pretraining's dependencies changed and retrain. The project's .dvcignore keeps them out."""
+    root = tmp_path / "repo"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "mod.py").write_text("X = 1\n")
+    (root / ".dvcignore").write_text((REPO / ".dvcignore").read_text())
+    (root / "dvc.yaml").write_text(
+        "stages:\n  build:\n    cmd: python -c \"open('out.txt', 'w').write('x')\"\n"
+        "    deps: [pkg]\n    outs: [out.txt]\n")
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "repro", "-q"], root)
+    (root / "pkg" / "__pycache__").mkdir()
+    (root / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"bytecode")
+    (root / "pkg" / "stray.pyc").write_bytes(b"bytecode")
+    assert "up to date" in run(["dvc", "status"], root).stdout
+    (root / "pkg" / "mod.py").write_text("X = 2\n")  # and a real code change still counts
+    assert "modified:" in run(["dvc", "status"], root).stdout
+
+
+@pytest.mark.slow
 def test_a_queued_probe_sweep_reruns_no_pretraining_and_no_fine_tuning(project):
     """A queued run starts from a copy of the git tree plus DVC's cache: every output of an unchanged
     stage is there (the resumable state is no output), so only the probes and the report run. DVC's
