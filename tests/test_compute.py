@@ -135,7 +135,7 @@ def test_finetuning_run_with_micro_batches_and_checkpointing_scores_the_same(tmp
         torch.manual_seed(0)
         results.append(finetune.finetune_run(task, task.splits[0], SpectrogramEncoder((2, 8), 16, 32, 2, 2),
                                              dataclasses.replace(cfg, **options), name, torch.device("cpu"),
-                                             tmp_path / f"{name}.pt", "hash", enable_progress=False))
+                                             tmp_path / f"{name}.pt", "hash"))
     plain, split = results
     assert [h["train_loss"] for h in plain.history] == pytest.approx([h["train_loss"] for h in split.history],
                                                                      abs=2e-5)

@@ -199,7 +199,7 @@ def test_interrupted_finetuning_resumes_to_the_same_result(tmp_path, monkeypatch
 
     def run(name):
         return finetune.finetune_run(task, task.splits[0], fresh_encoder(), cfg, name, torch.device("cpu"),
-                                     tmp_path / f"{name}.pt", "hash", enable_progress=False)
+                                     tmp_path / f"{name}.pt", "hash")
 
     straight = run("straight")
     saves = []

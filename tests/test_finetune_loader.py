@@ -80,8 +80,7 @@ def test_the_batches_are_the_same_for_any_worker_count_and_from_a_resumed_epoch(
 def _run(task, cfg, name, tmp_path):
     torch.manual_seed(0)
     encoder = SpectrogramEncoder((2, 8), 16, 32, 2, 2, drop_path=cfg.drop_path)
-    return finetune.finetune_run(task, task.splits[0], encoder, cfg, name, CPU, tmp_path / f"{name}.pt", "hash",
-                                 enable_progress=False)
+    return finetune.finetune_run(task, task.splits[0], encoder, cfg, name, CPU, tmp_path / f"{name}.pt", "hash")
 
 
 def test_workers_and_a_kill_with_workers_leave_the_fine_tuned_model_unchanged(task, tmp_path, monkeypatch):

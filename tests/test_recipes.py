@@ -365,7 +365,7 @@ def test_selection_last_trains_on_the_validation_clips_and_keeps_the_last_epoch(
     torch.manual_seed(0)
     encoder = SpectrogramEncoder((1, 8), 16, 32, 1, 2)
     r = finetune.finetune_run(task, task.splits[0], encoder, cfg, "run", torch.device("cpu"), tmp_path / "s.pt",
-                              "hash", enable_progress=False)
+                              "hash")
     clips = 24 + (12 if selection == "last" else 0)  # the validation clips train too
     assert load_checkpoint(tmp_path / "s.pt")["lr"]["step"] == 3 * (clips // 4)
     if selection == "last":

@@ -350,8 +350,7 @@ def _resume(engine: Engine) -> FinetuneProgress:
 
 
 def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg: FinetuneConfig, name: str,
-                 device: torch.device, state_path: Path, run_hash: str, open_log=None,
-                 enable_progress: bool = True) -> RunResult:
+                 device: torch.device, state_path: Path, run_hash: str, open_log=None) -> RunResult:
     """Fine-tune `encoder` on one split (resuming from `state_path` when it holds this run), keep the epoch
     with the best validation score (cfg.selection "last": train on the validation clips too and keep the
     last epoch) and score the test clips with it. `open_log(first_epoch)` returns a
@@ -366,8 +365,7 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
                      probe_loss=_probe_loss(engine.model, task, split, cfg, device))
     batches = StepBatches(task, split, cfg, steps_per_epoch(cfg, split))
     t0 = time.perf_counter()
-    bar = progress((cfg.epochs - run.epoch) * batches.steps_per_epoch, f"finetune {name}", "step",
-                   enabled=enable_progress)
+    bar = progress((cfg.epochs - run.epoch) * batches.steps_per_epoch, f"finetune {name}", "step")
 
     def epoch(number: int) -> int:
         train_loss = train_epoch(engine, islice(stream, batches.steps_per_epoch), cfg, task.store.stats, bar)
