@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import random
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -101,6 +103,24 @@ def test_learning_curve_is_logged_at_probe_steps(store_dir, tmp_path):
     curve = pd.read_csv(tmp_path / "live/plots/metrics/probe/hand/target.tsv", sep="\t")
     assert list(curve["step"]) == [0, 4, 8, 12] and list(curve["target"]) == [0.0, 4.0, 8.0, 12.0]
 
+
+
+def test_the_learning_curve_probe_does_not_change_what_is_learned(store_dir, tmp_path):
+    """A probe that draws from torch's, NumPy's and Python's global generators at every probe step
+    (step 0 included) leaves the losses and the weights bit-identical to a run without a probe."""
+    cfg = _params(probe={"every": 4, "encoders": ["context"], "l2": [0.1]}).pretrain
+
+    def greedy_probe(step, model):
+        model.eval()
+        torch.rand(1000), np.random.rand(1000), random.random()
+        return {"probe/greedy/context": 0.0}
+
+    _, plain = _train(cfg, store_dir, tmp_path / "plain")
+    _, probed = _train(cfg, store_dir, tmp_path / "probed", evaluate=greedy_probe)
+    assert plain == probed and len(plain) == 12
+    for which in ("context", "target"):
+        a, b = read_export(tmp_path / f"plain/{which}")[1], read_export(tmp_path / f"probed/{which}")[1]
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_losses(store_dir, tmp_path):
