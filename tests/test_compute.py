@@ -111,7 +111,7 @@ def test_activation_checkpointing_keeps_the_gradients():
     def grads(checkpointing: bool) -> dict:
         torch.manual_seed(0)
         model = AJEPA({"grid": GRID, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path": 0.2},
-                      {"predictor_dim": 32, "depth": 2, "num_heads": 2, "drop_path": 0.2})
+                      {"embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path": 0.2})
         set_activation_checkpointing(model, checkpointing)
         torch.manual_seed(1)
         m = MaskGenerator(GRID, mode="block", seed=0)(4, 0)

@@ -13,7 +13,7 @@ from ajepa.train.pretrain import train_step
 
 GRID, P = (4, 8), 4  # input [B, 16, 32]
 ENC = dict(grid=GRID, patch_size=P, embed_dim=32, depth=2, num_heads=4)
-PRED = dict(predictor_dim=16, depth=2, num_heads=2)
+PRED = dict(embed_dim=16, depth=2, num_heads=2)
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +71,7 @@ def test_parts_match_flop_counter_and_target_has_no_backward():
 
 
 def test_counts_scale_with_batch_and_sequence():
-    args = dict(encoder_cfg={"size": "small", "patch_size": 16}, predictor_cfg=dict(predictor_dim=192, depth=6,
+    args = dict(encoder_cfg={"size": "small", "patch_size": 16}, predictor_cfg=dict(embed_dim=192, depth=6,
                 num_heads=3), grid=(64, 8), n_context=200, n_targets=4, target_len=80)
     one = flops.ajepa_step_flops(batch=8, **args)
     assert flops.ajepa_step_flops(batch=16, **args) == pytest.approx(2 * one)

@@ -105,7 +105,7 @@ def test_encoder_keep_equals_blocks_on_gathered_subset():
 # --- predictor -------------------------------------------------------------------------
 
 def test_predictor_batched_equals_separate_passes():
-    pred = Predictor(GRID, encoder_dim=32, predictor_dim=16, depth=2, num_heads=2).eval()
+    pred = Predictor(GRID, encoder_dim=32, embed_dim=16, depth=2, num_heads=2).eval()
     ctx_idx, tgt_idx = masks()
     ctx = torch.randn(2, ctx_idx.shape[1], 32)
     out = pred(ctx, ctx_idx, tgt_idx)
@@ -120,7 +120,7 @@ def test_predictor_init_choices():
     """trunc_normal: I-JEPA's 0.02 with the residual rescale; xavier: every Linear at
     sqrt(2 / (fan_in + fan_out)) with zero biases, no rescale, and the mask token still at 0.02;
     the encoder's weights do not depend on the predictor's init."""
-    kw = dict(encoder_dim=64, predictor_dim=128, depth=3, num_heads=4)
+    kw = dict(encoder_dim=64, embed_dim=128, depth=3, num_heads=4)
     ij, xa = Predictor(GRID, **kw), Predictor(GRID, init="xavier", **kw)
     assert ij.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert ij.blocks[2].mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(6), rel=0.05)
@@ -134,7 +134,7 @@ def test_predictor_init_choices():
     with pytest.raises(ValueError, match="predictor init must be one of"):
         Predictor(GRID, init="kaiming", **kw)
     torch.manual_seed(0)
-    m = AJEPA(ENC, dict(predictor_dim=16, depth=1, num_heads=2, init="xavier"))
+    m = AJEPA(ENC, dict(embed_dim=16, depth=1, num_heads=2, init="xavier"))
     torch.manual_seed(0)
     plain = SpectrogramEncoder(**ENC)
     assert all(torch.equal(a, b) for a, b in zip(m.context_encoder.state_dict().values(),
@@ -223,7 +223,7 @@ def test_key_mask_fresh_per_layer_and_call_and_train_only(drawn_masks):
 # --- A-JEPA ----------------------------------------------------------------------------
 
 def model(loss="l2"):
-    return AJEPA(ENC, dict(predictor_dim=16, depth=2, num_heads=2), loss=loss)
+    return AJEPA(ENC, dict(embed_dim=16, depth=2, num_heads=2), loss=loss)
 
 
 def test_target_features_layernormed_no_grad():
@@ -324,7 +324,7 @@ def test_sigreg_is_small_for_gaussian_and_large_for_collapsed_embeddings():
 
 def test_multi_layer_targets_average_the_last_blocks():
     model = AJEPA({"grid": (4, 2), "patch_size": 16, "embed_dim": 32, "depth": 3, "num_heads": 2},
-                  {"predictor_dim": 32, "depth": 1, "num_heads": 2}, target_layers=2)
+                  {"embed_dim": 32, "depth": 1, "num_heads": 2}, target_layers=2)
     x = torch.randn(2, 64, 32)
     idx = torch.arange(8).repeat(2, 1, 1)  # every patch, one block
     outs = model.target_encoder.block_outputs(x, 2)

@@ -22,7 +22,7 @@ ENC = dict(grid=(4, 2), embed_dim=32, depth=2, num_heads=2)
 
 def tiny_ajepa():
     torch.manual_seed(0)
-    return AJEPA(ENC, dict(predictor_dim=16, depth=1, num_heads=2))
+    return AJEPA(ENC, dict(embed_dim=16, depth=1, num_heads=2))
 
 
 # --- schedules ----------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_checkpoint_round_trip_resumes_the_same_training(tmp_path):
     draws = (random.random(), np.random.randn(3).tolist(), torch.rand(3))
     assert draws[:2] == expected_draws[:2] and torch.equal(draws[2], expected_draws[2])
 
-    model2 = AJEPA(ENC, dict(predictor_dim=16, depth=1, num_heads=2))
+    model2 = AJEPA(ENC, dict(embed_dim=16, depth=1, num_heads=2))
     model2.load_state_dict(loaded["model"])
     opt2 = torch.optim.AdamW(param_groups(model2, 0.05), lr=1e-3, betas=(0.9, 0.95))
     opt2.load_state_dict(loaded["optimizer"])

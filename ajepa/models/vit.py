@@ -208,22 +208,22 @@ class Predictor(nn.Module):
     never see each other (same as I-JEPA's per-mask loop, M times fewer kernel launches).
     """
 
-    def __init__(self, grid: tuple[int, int], encoder_dim: int, predictor_dim: int = 512, depth: int = 16,
+    def __init__(self, grid: tuple[int, int], encoder_dim: int, embed_dim: int = 512, depth: int = 16,
                  num_heads: int = 16, mlp_ratio: float = 4.0, drop_path: float = 0.0, qkv_bias: bool = True,
                  init: PredictorInit = "trunc_normal"):
         super().__init__()
         check_choice(init, PredictorInit, "predictor init")
         self.grid = tuple(grid)
         self.activation_checkpointing = False  # see set_activation_checkpointing
-        self.embed = nn.Linear(encoder_dim, predictor_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, predictor_dim), persistent=False)
+        self.embed = nn.Linear(encoder_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, embed_dim), persistent=False)
         self.blocks = nn.ModuleList(
-            Block(predictor_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dp,
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dp,
                   norm_layer=_norm)
             for dp in _drop_path_rates(drop_path, depth))
-        self.norm = _norm(predictor_dim)
-        self.proj = nn.Linear(predictor_dim, encoder_dim)
+        self.norm = _norm(embed_dim)
+        self.proj = nn.Linear(embed_dim, encoder_dim)
         init_vit_weights(self, self.blocks)
         if init == "xavier":
             for m in self.modules():

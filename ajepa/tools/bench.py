@@ -155,7 +155,7 @@ def bench_pretrain(params, encoder: str = "config", target_length: int | None = 
     r = {"device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({n_threads} threads)",
          "dtype": "bf16 autocast" if cuda else "fp32", "cpu_busy_before": None if busy is None else round(busy, 3),
          "encoder": {k: enc_cfg[k] for k in ("embed_dim", "depth", "num_heads")},
-         "predictor": {"embed_dim": pred_cfg["predictor_dim"], "depth": pred_cfg["depth"],
+         "predictor": {"embed_dim": pred_cfg["embed_dim"], "depth": pred_cfg["depth"],
                        "num_heads": pred_cfg["num_heads"]},
          "input": [length, grid[1] * patch], "grid": list(grid), "batch": batch, "steps": steps,
          "masking_mode": cfg.masking.mode, "compile": compile, "activation_checkpointing": activation_checkpointing,

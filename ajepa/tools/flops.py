@@ -157,7 +157,7 @@ def predictor_forward_flops(encoder_dim: int, predictor_cfg: dict | None, batch:
                             n_targets: int, target_len: int) -> float:
     """Forward matmul FLOPs of Predictor (kwargs without grid/encoder_dim) for one batch."""
     cfg = _predictor_cfg(predictor_cfg)
-    dp = cfg["predictor_dim"]
+    dp = cfg["embed_dim"]
     embed = 2.0 * batch * n_context * encoder_dim * dp  # once per sample, before repeat_interleave(M)
     blocks = _blocks_flops(batch * n_targets, n_context + target_len, dp, cfg["depth"], cfg["mlp_ratio"])
     proj = 2.0 * batch * n_targets * target_len * dp * encoder_dim  # predicted tokens only
@@ -197,7 +197,7 @@ def model_configs(model) -> tuple[dict, dict, tuple[int, int]]:
                        num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / enc.embed_dim)
     pblk = pred.blocks[0]
     dp = pred.embed.out_features
-    predictor_cfg = dict(predictor_dim=dp, depth=len(pred.blocks), num_heads=pblk.attn.num_heads,
+    predictor_cfg = dict(embed_dim=dp, depth=len(pred.blocks), num_heads=pblk.attn.num_heads,
                          mlp_ratio=pblk.mlp.fc1.out_features / dp)
     return encoder_cfg, predictor_cfg, tuple(enc.grid)
 

@@ -68,9 +68,8 @@ def export_config(cfg: PretrainConfig, store: FeatureStore | StoreUnion, total_s
 
 
 def build_model(cfg: PretrainConfig, grid: tuple[int, int], patch_size: int) -> AJEPA:
-    p = cfg.predictor
-    return AJEPA({**encoder_config(cfg, grid, patch_size), "grid": tuple(grid)},
-                 {"predictor_dim": p.embed_dim, "depth": p.depth, "num_heads": p.num_heads, "init": p.init},
+    # the predictor section's keys are Predictor's arguments, as the encoder section's are the encoder's
+    return AJEPA({**encoder_config(cfg, grid, patch_size), "grid": tuple(grid)}, asdict(cfg.predictor),
                  loss=cfg.loss, target_layers=cfg.target_layers, sigreg=cfg.sigreg)
 
 
