@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import yaml
 
 from ajepa.tools.presets import load_preset, merge
@@ -47,6 +49,16 @@ def pool_features(root: Path, out: Path, *, seed: int, clips: int, duration_s: f
                      1, 0.0, extra_stats={"grid": [frames // 16, 8], "patch_size": 16}, progress=False)
     return out
 
+
+def noise_wavs(folder: Path, n: int, samples: int, grow: int, prefix: str = "clip") -> list[str]:
+    """n 16 kHz noise clips folder/PREFIXi.wav (seeded), the i-th `samples + grow * i` samples long."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = folder / f"{prefix}{i}.wav"
+        sf.write(p, (0.1 * rng.standard_normal(samples + grow * i)).astype(np.float32), 16000)
+        paths.append(str(p))
+    return paths
 
 def make_project_copy(dest: Path, params: dict, git: bool = True) -> Path:
     """A temporary working copy of the project (its own git repo, as a clone would be)."""

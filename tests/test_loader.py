@@ -1,10 +1,9 @@
 import pickle
 
-import numpy as np
 import pandas as pd
 import pytest
-import soundfile as sf
 import torch
+from conftest import noise_wavs
 
 from ajepa.data.frontend import FrontEnd
 from ajepa.data.loader import MaskCollator, SpectrogramDataset, StepBatchSampler, pretrain_loader
@@ -20,12 +19,7 @@ GRID = (TARGET_LENGTH // 16, MEL_BINS // 16)
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(N_CLIPS):
-        p = tmp / f"clip{i}.wav"
-        sf.write(p, (0.1 * rng.standard_normal(4000 + 500 * i)).astype(np.float32), 16000)
-        paths.append(str(p))
+    paths = noise_wavs(tmp, N_CLIPS, 4000, 500)
     manifest = pd.DataFrame({"clip_id": [f"c{i}" for i in range(N_CLIPS)], "path": paths,
                              "labels": ["dog" if i % 2 else "cat" for i in range(N_CLIPS)], "fold": 0,
                              "split": "train"})

@@ -17,12 +17,7 @@ from ajepa.errors import AjepaError
 
 # 6 clips, 4 classes; class 2 has no positive (AP and AUC undefined), class 3 is positive everywhere
 # (AP defined, AUC undefined).
-TARGETS = np.array([[1, 0, 0, 1],
-                    [0, 1, 0, 1],
-                    [1, 1, 0, 1],
-                    [0, 0, 0, 1],
-                    [1, 0, 0, 1],
-                    [0, 1, 0, 1]])
+TARGETS = np.array([[int(c) for c in row] for row in ("1001", "0101", "1101", "0001", "1001", "0101")])
 SCORES = np.array([[0.9, 0.2, 0.1, 0.3],
                    [0.4, 0.8, 0.3, 0.6],
                    [0.35, 0.1, 0.2, 0.9],

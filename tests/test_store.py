@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from conftest import noise_wavs
 
 from ajepa.data.frontend import FrontEnd
 from ajepa.data.store import FeatureStore, extract_features
@@ -9,12 +10,8 @@ from ajepa.errors import AjepaError
 
 
 def _manifest(tmp_path, n_good=6):
+    paths = noise_wavs(tmp_path, n_good, 8000, 1000, prefix="good")
     rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n_good):
-        p = tmp_path / f"good{i}.wav"
-        sf.write(p, (0.1 * rng.standard_normal(8000 + 1000 * i)).astype(np.float32), 16000)
-        paths.append(str(p))
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(rng.integers(0, 256, 64, dtype=np.uint8)))
     empty = tmp_path / "empty.wav"
