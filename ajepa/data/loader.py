@@ -13,7 +13,10 @@ therefore the same run (same clips, same masks) as world size 1 with batch 2B.
 from __future__ import annotations
 
 import math
+import multiprocessing.util
+import os
 import signal
+import tempfile
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -226,9 +229,12 @@ def _loader_options(num_workers: int, seed: int, pin_memory: bool | None = None,
     """The DataLoader keywords every training loader shares: `num_workers` processes (0: batches built
     in the training process) that ignore stop signals, each `prefetch` batches ahead (torch's default,
     2, when None), pinned memory (default: whether CUDA is available) and a generator of its own."""
+    if num_workers > 0:
+        check_worker_sockets()
     return dict(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0,
         worker_init_fn=ignore_stop_signals,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         prefetch_factor=prefetch if num_workers > 0 else None,  # DataLoader refuses one without workers
@@ -236,6 +242,42 @@ def _loader_options(num_workers: int, seed: int, pin_memory: bool | None = None,
         # shifting the dropout/drop-path stream by one draw at each resume (and with any loader at all).
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+# A worker hands each batch's tensors over a Unix socket under multiprocessing's temporary folder
+# (TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX); Linux caps such a path at 107 bytes, and a worker that cannot
+# bind it, or cannot open a file at all (the open-file limit), fails in a thread the main process never
+# hears from. Checked before the workers start, and a batch that never comes is an error after this long.
+SOCKET_PATH_MAX = 107
+WORKER_TIMEOUT_S = 600
+
+
+def check_worker_sockets() -> None:
+    """One line naming TMPDIR when the sockets loader workers pass batches through cannot live under it."""
+    path = os.path.join(multiprocessing.util.get_temp_dir(), "listener-" + "x" * 8)
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise AjepaError(f"the temporary folder {tempfile.gettempdir()} is too long for loader workers: their "
+                         f"sockets under it ({len(os.fsencode(path))} bytes) pass Linux's {SOCKET_PATH_MAX}-byte "
+                         f"limit; set TMPDIR to a shorter folder (TMPDIR=/tmp) or num_workers to 0")
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose stalled worker ends the run in one line instead of a wait without end."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                raise AjepaError(f"a data-loader worker sent no batch in {self.timeout:g} s: most often it "
+                                 f"could not open a file or a socket (open-file limit `ulimit -n`: raise it, "
+                                 f"or set num_workers to 0)") from None
+            yield batch
 
 
 def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGenerator, seed: int,
@@ -248,7 +290,7 @@ def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGe
     transforms each clip."""
     sampler = StepBatchSampler(len(store), batch_size, seed, start_step=start_step, total_steps=total_steps,
                                rank=rank, world_size=world_size, drop_last=True)
-    return DataLoader(
+    return WorkerLoader(
         _StepItems(SpectrogramDataset(store), augment),
         batch_sampler=_StepKeys(sampler),
         collate_fn=MaskCollator(mask_generator, rank, world_size),
@@ -262,5 +304,5 @@ def step_loader(batches: Dataset, steps: range, seed: int, num_workers: int = 0,
     batch and a pure function of its step (fine-tuning's StepBatches). Each worker builds whole batches,
     the steps dealt round-robin, and the DataLoader hands them back in step order, so the batches are
     the same for any `num_workers` and a resumed run passes the steps from its checkpoint's on."""
-    return DataLoader(batches, batch_size=None, sampler=steps,
+    return WorkerLoader(batches, batch_size=None, sampler=steps,
                       **_loader_options(num_workers, seed, pin_memory, prefetch))

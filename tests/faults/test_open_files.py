@@ -4,6 +4,7 @@
 Before, a store kept one memory map (and so one open file) per shard it had touched: pretraining died
 after 32 steps with `OSError: [Errno 24] Too many open files`, fine-tuning after a few batches."""
 
+import os
 import resource
 import subprocess
 import sys
@@ -11,9 +12,12 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from train_project import ENV, cwd, smoke_params, write_params
 
 from ajepa.cli import main
+from ajepa.data import loader
+from ajepa.errors import AjepaError
 
 LIMIT = 256
 
@@ -90,3 +94,40 @@ def test_fine_tuning_loader_workers_reading_the_shards_keep_their_open_files_bou
     assert r.returncode == 0, r.stderr[-3000:]
     train, read = map(int, r.stdout.split())
     assert train > 128 and read == 2 * 2 * (train // 16) * 16  # the training clips' shards alone pass the limit
+
+
+class _Starved(torch.utils.data.Dataset):
+    """Each item first lowers its worker's open-file limit to the files it has open: the worker can build
+    the batch but cannot open the socket and shared memory that hand it over."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, step):
+        in_use = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        return torch.zeros(64, 64)
+
+
+@pytest.mark.slow
+def test_a_worker_out_of_descriptors_is_one_line_not_a_hang(monkeypatch):
+    """Before, the worker's failure stayed in one of its threads and the training process waited forever."""
+    monkeypatch.setattr(loader, "WORKER_TIMEOUT_S", 5)
+    with pytest.raises(AjepaError, match=r"worker sent no batch in 5 s: .*ulimit -n"):
+        list(loader.step_loader(_Starved(), range(4), seed=0, num_workers=1))
+
+
+@pytest.mark.slow
+def test_a_temporary_folder_too_long_for_worker_sockets_is_one_line(tmp_path):
+    """Before, a TMPDIR of about 80 characters or more made every loader worker hang (AF_UNIX path too long)."""
+    long_tmp = tmp_path / ("t" * 100)
+    long_tmp.mkdir()
+    script = ("from ajepa.data import loader; import torch;"
+              "list(loader.step_loader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), range(4), 0, num_workers=1))")
+    r = subprocess.run([sys.executable, "-c", script], env={**ENV, "TMPDIR": str(long_tmp)}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"the temporary folder {long_tmp} is too long for loader workers" in r.stderr.strip().splitlines()[-1]
+    # a short one is fine
+    assert subprocess.run([sys.executable, "-c", script], env={**ENV, "TMPDIR": str(tmp_path)},
+                          timeout=120).returncode == 0
