@@ -131,7 +131,7 @@ def standardisation(rows: Rows, positions: np.ndarray, size: int) -> tuple[torch
             k, block_mean = len(b), b.mean(0)
             delta = block_mean - mean
             mean = mean + delta * (k / (n + k))
-            m2 = m2 + (b - block_mean).square().sum(0) + delta.square() * (n * k / (n + k))
+            m2 = m2 + b.sub_(block_mean).square_().sum(0) + delta.square() * (n * k / (n + k))  # in place: one copy
             n += k
         mean, std = mean.float(), (m2 / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
@@ -169,8 +169,8 @@ class Blocks:
         out = []
         for part, block in self.rows.blocks(self.positions, self.size):
             x = torch.from_numpy(block).to(self.device).float()
-            if self.stats is not None:
-                x = (x - self.stats[0]) / self.stats[1]
+            if self.stats is not None:  # in place (Rows.read gives a fresh array): one buffer per block keeps
+                x = x.sub_(self.stats[0]).div_(self.stats[1])  # a streamed pass's memory flat (ajepa bench probe)
             if self.keep:
                 out.append((part, x))
             yield part, x

@@ -61,6 +61,7 @@ class Rows:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def read(self, positions) -> np.ndarray:
+        """The rows at `positions`, as a fresh array the caller owns (the probe standardises it in place)."""
         raise NotImplementedError
 
     def blocks(self, positions: np.ndarray, rows: int) -> Iterator[tuple[slice, np.ndarray]]:
