@@ -12,11 +12,14 @@ therefore the same run (same clips, same masks) as world size 1 with batch 2B.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing.util
 import os
 import signal
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -262,22 +265,86 @@ def check_worker_sockets() -> None:
 
 
 class WorkerLoader(DataLoader):
-    """A DataLoader whose stalled worker ends the run in one line instead of a wait without end."""
+    """A DataLoader whose stalled worker ends the run in one line instead of a wait without end.
+
+    DataLoader's own `timeout` covers the wait for a worker's message, not what follows it: a batch's
+    tensors come as descriptors that the main process fetches from the worker over a socket, and a
+    worker that can no longer accept that connection (out of descriptors) leaves the main process
+    waiting in a read with no timeout. A watchdog armed for each batch kills the workers a little after
+    that timeout, which ends that read. A stall, or a worker that closes the connection, stops the run in
+    one line."""
 
     def __iter__(self):
         batches = super().__iter__()
+        _WORKERS.update(getattr(batches, "_workers", []))
         while True:
+            watchdog, fired = self._watchdog(batches)
             try:
                 batch = next(batches)
             except StopIteration:
                 return
-            except RuntimeError as e:
-                if "timed out" not in str(e):
+            except Exception as e:
+                stalled = fired.is_set() or (isinstance(e, RuntimeError) and "timed out" in str(e))
+                if not (stalled or isinstance(e, (EOFError, ConnectionError))):
                     raise
-                raise AjepaError(f"a data-loader worker sent no batch in {self.timeout:g} s: most often it "
-                                 f"could not open a file or a socket (open-file limit `ulimit -n`: raise it, "
-                                 f"or set num_workers to 0)") from None
+                what = f"sent no batch in {self.timeout:g} s" if stalled else "closed while handing over a batch"
+                _kill_workers(batches)  # they ignore SIGTERM (ignore_stop_signals): the exit would wait on them
+                raise AjepaError(f"a data-loader worker {what}: most often it could not open a file or a socket "
+                                 f"(open-file limit `ulimit -n`: raise it, or set num_workers to 0)") from None
+            finally:
+                if watchdog:
+                    watchdog.cancel()
             yield batch
+
+    def _watchdog(self, batches) -> tuple[threading.Timer | None, threading.Event]:
+        """A timer that kills the workers of `batches` (a DataLoader iterator) a little after the loader's
+        timeout unless cancelled, and the event it sets when it does. It holds the iterator by a weak
+        reference: a strong one would keep the workers alive after their loader is done."""
+        fired = threading.Event()
+        if not (self.timeout and getattr(batches, "_workers", None)):
+            return None, fired
+        ref = weakref.ref(batches)
+
+        def fire() -> None:
+            fired.set()
+            if (live := ref()) is not None:
+                _kill_workers(live)
+
+        timer = threading.Timer(self.timeout + WATCHDOG_MARGIN_S, fire)
+        timer.daemon = True
+        timer.start()
+        return timer, fired
+
+
+WATCHDOG_MARGIN_S = 5  # after DataLoader's own timeout, which answers the commoner stall (no message) first
+
+
+# Workers ignore SIGTERM (ignore_stop_signals), and multiprocessing ends a process by sending its daemon
+# children SIGTERM, then waiting for them; DataLoader, shutting a loader down, also falls back on SIGTERM for
+# a worker slow to stop. A process leaving with a worker alive (an error, a loop that stopped before its
+# loader's end) would wait forever. Registered after multiprocessing's own exit function (imported above),
+# so it runs first: every worker still alive is killed.
+_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _end_live_workers() -> None:
+    alive = [w for w in _WORKERS if w.is_alive()]
+    if alive and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader's handler would raise for each one killed
+    for w in alive:
+        w.kill()
+
+
+def _kill_workers(batches) -> None:
+    """SIGKILL to the workers of `batches`, their process ids first taken from DataLoader's SIGCHLD check,
+    which would otherwise raise its own error in the main thread for each one."""
+    if getattr(batches, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+    for w in getattr(batches, "_workers", []):
+        if w.is_alive():
+            w.kill()
 
 
 def pretrain_loader(store: FeatureStore, batch_size: int, mask_generator: MaskGenerator, seed: int,

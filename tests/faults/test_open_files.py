@@ -4,10 +4,12 @@
 Before, a store kept one memory map (and so one open file) per shard it had touched: pretraining died
 after 32 steps with `OSError: [Errno 24] Too many open files`, fine-tuning after a few batches."""
 
+import multiprocessing.resource_sharer
 import os
 import resource
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -113,8 +115,43 @@ class _Starved(torch.utils.data.Dataset):
 def test_a_worker_out_of_descriptors_is_one_line_not_a_hang(monkeypatch):
     """Before, the worker's failure stayed in one of its threads and the training process waited forever."""
     monkeypatch.setattr(loader, "WORKER_TIMEOUT_S", 5)
-    with pytest.raises(AjepaError, match=r"worker sent no batch in 5 s: .*ulimit -n"):
+    # which of the three ways the handover fails (no message, a message whose descriptors cannot be
+    # fetched, a connection closed) depends on the timing: each is the same one line
+    with pytest.raises(AjepaError, match=r"worker (sent no batch in 5 s|closed while handing over a batch): .*ulimit -n"):
         list(loader.step_loader(_Starved(), range(4), seed=0, num_workers=1))
+
+
+class _DeafSharer(torch.utils.data.Dataset):
+    """Its worker's batch arrives as a message, but the worker never answers the main process's request for
+    the batch's descriptors: the wait DataLoader's own timeout does not cover."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, step):
+        multiprocessing.resource_sharer._ResourceSharer._serve = lambda sharer: time.sleep(3600)
+        return torch.zeros(64, 64)
+
+
+@pytest.mark.slow
+def test_a_batch_whose_descriptors_never_come_is_one_line_not_a_hang(monkeypatch):
+    """Before, the training process waited in a socket read without end (DataLoader's timeout ends only the
+    wait for the message): the watchdog kills the workers at the same deadline."""
+    monkeypatch.setattr(loader, "WORKER_TIMEOUT_S", 3)
+    start = time.monotonic()
+    with pytest.raises(AjepaError, match=r"worker sent no batch in 3 s: .*ulimit -n"):
+        list(loader.step_loader(_DeafSharer(), range(4), seed=0, num_workers=1))
+    assert time.monotonic() - start < 3 + loader.WATCHDOG_MARGIN_S + 30
+
+
+@pytest.mark.slow
+def test_a_process_leaving_with_a_loader_open_exits():
+    """Before, multiprocessing's exit sent the workers SIGTERM, which they ignore, and waited for them forever."""
+    script = ("from ajepa.data import loader; import torch;"
+              "batches = iter(loader.step_loader(torch.utils.data.TensorDataset(torch.zeros(64, 2)), range(8), 0,"
+              " num_workers=2)); next(batches); print('one batch')")
+    r = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "one batch", r.stderr
 
 
 @pytest.mark.slow
