@@ -126,3 +126,19 @@ def test_paper_preset_validates_against_params_yaml():
     params = load_repo_params()
     merge(params, load_preset(REPO / "presets" / "paper.yaml"))
     parse_params(params, source="params.yaml with presets/paper.yaml")
+
+
+def test_long_preset_is_the_default_with_eight_times_its_pretraining_steps():
+    """Only the pools and the epochs move: 8x the default's optimiser steps, the same eight clips a pool speaker."""
+    def steps(p):
+        pool = sum(p["datasets"][d]["prepare"]["pool_clips"] for d in p["pretrain"]["datasets"])
+        return p["pretrain"]["optim"]["epochs"] * (pool // p["pretrain"]["optim"]["batch_size"])
+
+    default = load_repo_params()
+    long = copy.deepcopy(default)
+    merge(long, load_preset(REPO / "presets" / "long.yaml"))
+    parse_params(long, source="params.yaml with presets/long.yaml")
+    assert steps(long) == 8 * steps(default)
+    words = [p["datasets"]["words"]["prepare"] for p in (default, long)]
+    assert [w["pool_clips"] // w["pool_speakers"] for w in words] == [8, 8]
+    assert long["pretrain"]["encoder"] == default["pretrain"]["encoder"] and long["linear"] == default["linear"]
