@@ -329,7 +329,7 @@ _WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 @atexit.register
 def _end_live_workers() -> None:
-    alive = [w for w in _WORKERS if w.is_alive()]
+    alive = [w for w in list(_WORKERS) if w._parent_pid == os.getpid() and w.is_alive()]  # not a fork's copy
     if alive and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader's handler would raise for each one killed
     for w in alive:
