@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,3 +105,23 @@ def test_workers_give_identical_shards(tmp_path):
     extract_features(manifest, tmp_path / "two", FrontEnd(), 64, 4, 2, 0.0, progress=False)
     for name in ["shard-00000.npy", "shard-00001.npy", "index.csv"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_worker_its_parent_never_recorded_ends_with_the_parent():
+    """Before, a SIGTERM to `features` between a worker's fork and its parent recording it left that worker
+    waiting for a task forever (it held the parent's end of its own pipe), with the parent's stderr open."""
+    script = """
+import multiprocessing as mp, sys
+from ajepa.data import store
+from ajepa.data.frontend import FrontEnd
+ctx = mp.get_context("fork")
+conn, child = ctx.Pipe()
+worker = ctx.Process(target=store._serve, args=(child, FrontEnd(), [conn.fileno()]), daemon=False)
+worker.start()
+print(worker.pid, flush=True)
+import os; os._exit(0)  # gone without ending it, as a stop between the fork and procs.append
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr  # its stderr closed: the worker ended, quietly

@@ -203,10 +203,23 @@ def _reserve(path: Path) -> None:
                 raise
 
 
-def _serve(conn, frontend: FrontEnd) -> None:
-    """A worker: run the tasks that come down `conn` until None, sending back each output (or error)."""
+def _serve(conn, frontend: FrontEnd, parent_ends: list[int]) -> None:
+    """A worker: run the tasks that come down `conn` until None, sending back each output (or error).
+
+    It first closes the parent's ends of the workers' pipes that it inherited through the fork, so that
+    the parent's exit reaches it as the end of `conn`: a parent stopped between starting it and recording
+    it (a SIGTERM at that moment) never ends it, and it would otherwise wait for a task forever, holding
+    the parent's standard streams open."""
+    for fd in parent_ends:
+        os.close(fd)
     _init_worker(frontend)
-    while (task := conn.recv()) is not None:
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if task is None:
+            return
         try:
             conn.send(_process_chunk(task))
         except Exception as e:  # the parent raises it, as a pool's future would
@@ -229,7 +242,8 @@ def _run(tasks: list[tuple], frontend: FrontEnd, workers: int, collect, out_dir:
     try:
         for _ in range(workers):
             conn, child = ctx.Pipe()
-            process = ctx.Process(target=_serve, args=(child, frontend), daemon=True)
+            ends = [c.fileno() for c in [*busy, conn]]  # the parent's ends this worker inherits (see _serve)
+            process = ctx.Process(target=_serve, args=(child, frontend, ends), daemon=True)
             try:
                 process.start()
             except OSError as e:
