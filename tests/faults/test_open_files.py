@@ -136,7 +136,7 @@ class _DeafSharer(torch.utils.data.Dataset):
 @pytest.mark.slow
 def test_a_batch_whose_descriptors_never_come_is_one_line_not_a_hang(monkeypatch):
     """Before, the training process waited in a socket read without end (DataLoader's timeout ends only the
-    wait for the message): the watchdog kills the workers at the same deadline."""
+    wait for the message): the watchdog kills the workers a few seconds after that timeout."""
     monkeypatch.setattr(loader, "WORKER_TIMEOUT_S", 3)
     start = time.monotonic()
     with pytest.raises(AjepaError, match=r"worker sent no batch in 3 s: .*ulimit -n"):
