@@ -19,6 +19,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -277,43 +278,71 @@ class WorkerLoader(DataLoader):
     def __iter__(self):
         batches = super().__iter__()
         _WORKERS.update(getattr(batches, "_workers", []))
-        while True:
-            watchdog, fired = self._watchdog(batches)
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except Exception as e:
-                stalled = fired.is_set() or (isinstance(e, RuntimeError) and "timed out" in str(e))
-                if not (stalled or isinstance(e, (EOFError, ConnectionError))):
-                    raise
-                what = f"sent no batch in {self.timeout:g} s" if stalled else "closed while handing over a batch"
-                _kill_workers(batches)  # they ignore SIGTERM (ignore_stop_signals): the exit would wait on them
-                raise AjepaError(f"a data-loader worker {what}: most often it could not open a file or a socket "
-                                 f"(open-file limit `ulimit -n`: raise it, or set num_workers to 0)") from None
-            finally:
+        watchdog = _Watchdog(self.timeout + WATCHDOG_MARGIN_S, batches) if self.timeout and getattr(batches, "_workers", None) else None
+        try:
+            while True:
                 if watchdog:
-                    watchdog.cancel()
-            yield batch
+                    watchdog.arm()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except Exception as e:
+                    stalled = (watchdog and watchdog.fired.is_set()) or (
+                        isinstance(e, RuntimeError) and "timed out" in str(e))
+                    if not (stalled or isinstance(e, (EOFError, ConnectionError))):
+                        raise
+                    what = f"sent no batch in {self.timeout:g} s" if stalled else "closed while handing over a batch"
+                    _kill_workers(batches)  # they ignore SIGTERM (ignore_stop_signals): the exit would wait on them
+                    raise AjepaError(f"a data-loader worker {what}: most often it could not open a file or a "
+                                     f"socket (open-file limit `ulimit -n`: raise it, or set num_workers to 0)") from None
+                if watchdog:
+                    watchdog.disarm()
+                yield batch
+        finally:
+            if watchdog:
+                watchdog.stop()
 
-    def _watchdog(self, batches) -> tuple[threading.Timer | None, threading.Event]:
-        """A timer that kills the workers of `batches` (a DataLoader iterator) a little after the loader's
-        timeout unless cancelled, and the event it sets when it does. It holds the iterator by a weak
-        reference: a strong one would keep the workers alive after their loader is done."""
-        fired = threading.Event()
-        if not (self.timeout and getattr(batches, "_workers", None)):
-            return None, fired
-        ref = weakref.ref(batches)
 
-        def fire() -> None:
-            fired.set()
-            if (live := ref()) is not None:
-                _kill_workers(live)
+class _Watchdog(threading.Thread):
+    """One thread per pass over a loader: it kills the workers of `batches` (a DataLoader iterator) when a
+    batch is awaited for `seconds` (armed before each batch, disarmed when it comes; a lock, not a thread,
+    per batch), and sets `fired` when it does. It holds the iterator by a weak reference: a strong one
+    would keep the workers alive after their loader is done."""
 
-        timer = threading.Timer(self.timeout + WATCHDOG_MARGIN_S, fire)
-        timer.daemon = True
-        timer.start()
-        return timer, fired
+    def __init__(self, seconds: float, batches):
+        super().__init__(daemon=True)
+        self.seconds, self.ref, self.fired = seconds, weakref.ref(batches), threading.Event()
+        self.deadline: float | None = None
+        self.done, self.wake = False, threading.Condition()
+        self.start()
+
+    def arm(self) -> None:
+        with self.wake:
+            self.deadline = time.monotonic() + self.seconds
+            self.wake.notify()
+
+    def disarm(self) -> None:
+        with self.wake:
+            self.deadline = None
+
+    def stop(self) -> None:
+        with self.wake:
+            self.done = True
+            self.wake.notify()
+
+    def run(self) -> None:
+        with self.wake:
+            while not self.done:
+                if self.deadline is None:
+                    self.wake.wait()
+                elif (left := self.deadline - time.monotonic()) > 0:
+                    self.wake.wait(left)
+                else:
+                    self.fired.set()
+                    if (live := self.ref()) is not None:
+                        _kill_workers(live)
+                    return
 
 
 WATCHDOG_MARGIN_S = 5  # after DataLoader's own timeout, which answers the commoner stall (no message) first
