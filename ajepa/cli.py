@@ -138,6 +138,12 @@ def _add_bench(sub) -> None:
     b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_bench_scale(bench)
+    b = bench.add_parser("layers", help="the linear probe at every depth of the pretrained encoder and of its random "
+                                        "init, beside the fbank baseline (where a missed bar's information went)")
+    b.add_argument("benchmark", help="a benchmark with prepared features (e.g. words)")
+    b.add_argument("--encoder", default=None, choices=["context", "target"],
+                   help="which pretrained encoder (default: downstream.encoder)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     b = bench.add_parser("pretrain", help="A-JEPA training steps: samples/s, model FLOP/s, matmul peak, MFU")
     b.add_argument("--encoder", default="config", choices=["config", "tiny", "small", "base", "large"],
                    help="encoder size (default: pretrain.encoder in params)")

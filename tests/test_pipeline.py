@@ -252,3 +252,26 @@ def test_one_benchmark_linear_probe_reruns_alone(dvc_copy):
         run(["git", "checkout", "params.yaml"], root)
         run(["dvc", "repro", "linear@synth"], root)
     assert _without_timing(json.loads((root / "results/linear/synth/metrics.json").read_text())) == _without_timing(before)
+
+
+@pytest.mark.slow
+def test_the_probe_at_every_depth_ends_at_the_stages_rows(dvc_copy):
+    """`ajepa bench layers`: a row per depth for the pretrained encoder and its random init; its last depth
+    through the final norm is what `ajepa linear` probes, so the three rows the stage also reports (the
+    encoder, its random init, the fbank) are the stage's own numbers."""
+    root, _ = dvc_copy
+    before = run(["git", "status", "--porcelain"], root).stdout
+    out = json.loads(run(["ajepa", "bench", "layers", "synth", "--json"], root).stdout)
+    stage = json.loads((root / "results/linear/synth/metrics.json").read_text())
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    depth = params["pretrain"]["encoder"]["depth"]
+    assert list(out["layers"]) == ["0 patches", *map(str, range(1, depth + 1)), f"{depth} + norm", "mean of blocks"]
+    last = out["layers"][f"{depth} + norm"]
+    assert last["pretrained"] == stage["linear"]["accuracy"]
+    assert last["random_init"] == stage["linear_random_init"]["accuracy"]
+    assert out["fbank_baseline"] == stage["fbank_baseline"]["accuracy"]
+    assert out["encoder"] == stage["encoder"] and out["runs"] == params["datasets"]["synth"]["prepare"]["num_folds"]
+    assert all(0 <= v <= 100 for row in out["layers"].values() for v in row.values())
+    assert run(["git", "status", "--porcelain"], root).stdout == before  # it writes nothing
+    text = run(["ajepa", "bench", "layers", "synth"], root).stdout
+    assert "0 patches" in text and "fbank" in text

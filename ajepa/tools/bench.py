@@ -28,7 +28,7 @@ from ajepa.downstream.protocols import EvalSplit, Task
 from ajepa.errors import AjepaError
 from ajepa.models import set_activation_checkpointing
 from ajepa.models.vit import SIZES
-from ajepa.tools import flops, scale
+from ajepa.tools import flops, layerprobe, scale
 from ajepa.tools.probebench import bench_probe, format_probe
 from ajepa.train.compute import compile_blocks
 from ajepa.train.engine import autocast_for
@@ -422,6 +422,9 @@ def run(args) -> str:
     if args.bench == "scale":
         r = scale.bench_scale(args.params, args.clips, args.nofile, args.memory_gb, args.readonly, args.folder)
         return json.dumps(r) if args.json else scale.format_scale(r)
+    if args.bench == "layers":
+        r = layerprobe.probe_layers(load_params(args.params), args.benchmark, args.encoder)
+        return json.dumps(r) if args.json else layerprobe.format_layers(r)
     if args.bench == "features":
         r = bench_features(args.clips, args.workers)
         if args.json:
