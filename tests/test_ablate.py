@@ -57,8 +57,8 @@ def test_a_bad_setting_is_one_line_and_queues_nothing(capsys, argv, named):
     assert out.out == "" and named in out.err and len(out.err.strip().splitlines()) == 1, out.err
 
 
-def _exp(name, summary, error=None):
-    return {"name": name, "revs": [{"rev": "f" * 40, "name": name, "error": error,
+def _exp(name, summary, error=None, state="success"):
+    return {"name": name, "executor": {"state": state}, "revs": [{"rev": "f" * 40, "name": name, "error": error,
                                     "data": {"metrics": {"results/summary.json": {"data": summary}}}}]}
 
 
@@ -80,6 +80,18 @@ def test_the_table_has_the_mean_and_range_over_seeds_and_lists_failed_runs():
                        "31.0 (30.0-32.0) | - |"
     assert lines[3].startswith("| regmask-0 | `finetune.BENCH.key_mask_ratio=0.0` | 0 | 61.0 | 72.0 |")
     assert lines[-1] == "- not in the table: abl-mask-block-s2: failed: pretrain failed"
+
+
+def test_a_run_still_queued_or_running_is_not_a_row():
+    """`dvc exp show` gives a running experiment the metrics of its commit until it finishes: counted, they
+    would enter the table as that seed's result."""
+    commit = {"synth": {"linear": {"accuracy": 57.7}, "finetune": {"accuracy": 54.2}}}
+    shown = [{"rev": "a" * 40, "experiments": [
+        _exp("abl-mask-block-s0", commit), _exp("abl-mask-block-s1", commit, state="running"),
+        _exp("abl-mask-block-s2", {}, state="queued")]}]
+    found, problems = ablate.collect(shown)
+    assert sorted(found["mask-block"]) == [0]
+    assert problems == ["abl-mask-block-s1: running, not finished", "abl-mask-block-s2: queued, not finished"]
 
 
 def test_the_table_goes_between_the_markers(tmp_path):

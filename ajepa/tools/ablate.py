@@ -204,13 +204,23 @@ def run(args) -> str:
         f"  {n}: {status[n]} (dvc queue logs {n})" for n in failed), write_table()])
 
 
+def _unfinished(shown: list) -> dict[str, str]:
+    """{name: state} of the experiments `dvc exp show --json` reports as queued or running. A running one
+    shows the metrics of its workspace copy, which are its commit's until it finishes, not its own."""
+    return {exp["name"]: state for entry in shown for exp in entry.get("experiments") or []
+            if exp.get("name") and (state := (exp.get("executor") or {}).get("state")) in ("queued", "running")}
+
+
 def collect(shown: list) -> tuple[dict, list[str]]:
     """({variant: {seed: summary}}, problems) of the ablation experiments in `dvc exp show --json` output;
-    an experiment that failed or has no summary is a problem line, not a row."""
-    found, problems = {}, []
+    an experiment that failed, has no summary or has not finished is a problem line, not a row."""
+    found, problems, unfinished = {}, [], _unfinished(shown)
     for name, rev in compare.experiments(shown):
         m = re.fullmatch(rf"{PREFIX}-(.+)-s(\d+)", name or "")
         if not m:
+            continue
+        if name in unfinished:
+            problems.append(f"{name}: {unfinished[name]}, not finished")
             continue
         summary = compare.summary_of(rev)
         if rev.get("error") or not summary:
