@@ -21,8 +21,8 @@ import torch
 
 from ajepa import paths
 from ajepa.config import Params
-from ajepa.downstream.common import build_encoder, summarize
-from ajepa.downstream.linear import fbank_batches, fit_probe
+from ajepa.downstream.common import build_encoder
+from ajepa.downstream.linear import evaluate_embeddings, fbank_batches
 from ajepa.downstream.protocols import load_task
 from ajepa.errors import AjepaError
 from ajepa.export import WEIGHTS
@@ -53,10 +53,6 @@ def layer_embeddings(encoder: SpectrogramEncoder, task, batch_size: int, pooling
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def _scores(task, emb: np.ndarray, l2: list[float], max_iter: int) -> float:
-    return summarize([fit_probe(task, emb, s, l2, max_iter) for s in task.splits], task.metric)[task.metric]
-
-
 def probe_layers(params: Params, benchmark: str, encoder: str | None = None) -> dict:
     """The probe's score per depth for the exported `encoder` (default `downstream.encoder`) and its
     random init (`linear.seed`), and the fbank baseline, on `benchmark`'s prepared features."""
@@ -71,11 +67,11 @@ def probe_layers(params: Params, benchmark: str, encoder: str | None = None) -> 
     for label, random_init in (("pretrained", False), ("random_init", True)):
         enc = build_encoder(path, grid, random_init=random_init, seed=cfg.seed)
         for name, emb in layer_embeddings(enc, task, cfg.embed_batch_size, cfg.pooling).items():
-            rows.setdefault(name, {})[label] = _scores(task, emb, cfg.l2, cfg.max_iter)
+            rows.setdefault(name, {})[label] = evaluate_embeddings(task, emb, cfg)[task.metric]
     fbank = np.concatenate(list(fbank_batches(task)))
     return {"benchmark": benchmark, "metric": task.metric, "encoder": which, "weights": str(path / WEIGHTS),
             "pooling": cfg.pooling, "runs": len(task.splits), "layers": rows,
-            "fbank_baseline": _scores(task, fbank, cfg.l2, cfg.max_iter),
+            "fbank_baseline": evaluate_embeddings(task, fbank, cfg)[task.metric],
             "seconds": round(time.perf_counter() - start, 1)}
 
 
