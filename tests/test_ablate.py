@@ -94,6 +94,19 @@ def test_a_run_still_queued_or_running_is_not_a_row():
     assert problems == ["abl-mask-block-s1: running, not finished", "abl-mask-block-s2: queued, not finished"]
 
 
+def test_a_failed_attempt_queued_again_and_finished_is_a_row_not_a_problem():
+    """A worker killed mid-run leaves a failed experiment; queued again under the same name and finished, the
+    name has two entries in `dvc exp show`, and the failed one shows its commit's metrics."""
+    commit, own = {"synth": {"linear": {"accuracy": 57.7}}}, {"synth": {"linear": {"accuracy": 61.3}}}
+    failed = {"type": "", "msg": "Experiment run failed"}
+    shown = [{"rev": "a" * 40, "experiments": [
+        _exp("abl-mask-tf-s0", own), _exp("abl-mask-tf-s0", commit, failed, state="failed"),
+        _exp("abl-mask-tf-s1", commit, failed, state="failed")]}]
+    found, problems = ablate.collect(shown)
+    assert found == {"mask-tf": {0: own}}
+    assert problems == ["abl-mask-tf-s1: failed: Experiment run failed"]
+
+
 def test_the_table_goes_between_the_markers(tmp_path):
     doc = tmp_path / "experiments.md"
     doc.write_text("# Log\nbefore\n")

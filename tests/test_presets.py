@@ -129,7 +129,8 @@ def test_paper_preset_validates_against_params_yaml():
 
 
 def test_long_preset_is_the_default_with_eight_times_its_pretraining_steps():
-    """Only the pools and the epochs move: 8x the default's optimiser steps, the same eight clips a pool speaker."""
+    """The pools and the epochs move: 8x the default's optimiser steps, the same eight clips a pool speaker; the
+    masks are block masks, those its measured seeds used, whatever the default's."""
     def steps(p):
         pool = sum(p["datasets"][d]["prepare"]["pool_clips"] for d in p["pretrain"]["datasets"])
         return p["pretrain"]["optim"]["epochs"] * (pool // p["pretrain"]["optim"]["batch_size"])
@@ -142,3 +143,4 @@ def test_long_preset_is_the_default_with_eight_times_its_pretraining_steps():
     words = [p["datasets"]["words"]["prepare"] for p in (default, long)]
     assert [w["pool_clips"] // w["pool_speakers"] for w in words] == [8, 8]
     assert long["pretrain"]["encoder"] == default["pretrain"]["encoder"] and long["linear"] == default["linear"]
+    assert long["pretrain"]["masking"]["mode"] == "block"

@@ -213,22 +213,24 @@ def _unfinished(shown: list) -> dict[str, str]:
 
 def collect(shown: list) -> tuple[dict, list[str]]:
     """({variant: {seed: summary}}, problems) of the ablation experiments in `dvc exp show --json` output;
-    an experiment that failed, has no summary or has not finished is a problem line, not a row."""
-    found, problems, unfinished = {}, [], _unfinished(shown)
+    an experiment that failed, has no summary or has not finished is a problem line, not a row. A failed
+    attempt of a name that was queued again and finished is left out: DVC keeps both under one name."""
+    found, problems, unfinished = {}, {}, _unfinished(shown)
     for name, rev in compare.experiments(shown):
         m = re.fullmatch(rf"{PREFIX}-(.+)-s(\d+)", name or "")
         if not m:
             continue
         if name in unfinished:
-            problems.append(f"{name}: {unfinished[name]}, not finished")
+            problems[name] = f"{name}: {unfinished[name]}, not finished"
             continue
         summary = compare.summary_of(rev)
         if rev.get("error") or not summary:
             why = compare.make_row(rev, name, None).changes if rev.get("error") else "no results/summary.json"
-            problems.append(f"{name}: {why}")
+            problems.setdefault(name, f"{name}: {why}")
             continue
         found.setdefault(m.group(1), {})[int(m.group(2))] = summary
-    return found, problems
+    finished = {f"{PREFIX}-{variant}-s{seed}" for variant, runs in found.items() for seed in runs}
+    return found, [line for name, line in problems.items() if name not in finished]
 
 
 def headline(summary: dict, bench: str, method: str) -> float | None:
