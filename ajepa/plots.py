@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from ajepa.atomic import atomic_path  # noqa: E402
 from ajepa.masks import Masks, masks_to_grid  # noqa: E402
@@ -124,6 +125,9 @@ def plot_learning_curve(bench: str, table, path: Path) -> None:
         if table["fbank"].notna().any():
             ax.axhline(table["fbank"].dropna().iloc[-1], ls="--", lw=1.2, color="tab:gray", label=CURVE_SERIES["fbank"])
         ax.set_xlabel(label)
+        # at most 5 ticks, thousands separated: 80,000 clips and its neighbours otherwise run together
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     axes[0].set_ylabel("validation score (%)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{bench}: linear probe of the model being pretrained (step 0: random init)", fontsize=9)
