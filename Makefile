@@ -19,8 +19,11 @@ install: $(VENV)/.installed
 run: install
 	dvc repro
 
+# two pytest workers (pytest-xdist): one runs the tests that mostly wait (SLURM, signals) while the other
+# computes; tests/conftest.py keeps each module, and the modules sharing the smoke run, on one worker
+TEST_WORKERS ?= 2
 test: install
-	python -m pytest
+	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # the unit tests alone (no test marked slow: none starts ajepa, dvc, snakemake or a training run), in under a minute
 test-fast: install

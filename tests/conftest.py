@@ -175,6 +175,25 @@ def tiny_export(tmp_path_factory):
     return models, store
 
 
+# -- two workers ------------------------------------------------------------------------------------------
+# `make test` runs pytest-xdist with two workers and `--dist loadgroup`. Every test is put in the group of its
+# module, so a module's fixtures are built once; the modules whose tests use the committed smoke run
+# (`smoke_run`, 1 to 2 minutes of `dvc repro`) share one group, so it is built once too. While one worker
+# waits (on the SLURM cluster's jobs and time limit, on signals and sleeps), the other computes.
+SHARED_GROUPS = {"smoke_run": "smoke_run"}  # session fixture -> the group of every module that uses it
+
+
+def pytest_collection_modifyitems(config, items):
+    by_module: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        shared = next((g for f, g in SHARED_GROUPS.items() if f in item.fixturenames), None)
+        if shared or module not in by_module:
+            by_module[module] = shared or by_module.get(module) or module
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(by_module[item.nodeid.split("::")[0]]))
+
+
 # -- the two tiers -------------------------------------------------------------------------------------
 # `make test-fast` runs `pytest -m "not slow"`: the unit tests, in under a minute. A test that starts a
 # program (ajepa, dvc, snakemake, torchrun, SLURM) or a fresh interpreter (multiprocessing's spawn) must
