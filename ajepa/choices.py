@@ -29,7 +29,7 @@ Encoder = Literal["context", "target"]
 HeadInit = Literal["zero", "probe"]
 HeadNorm = Literal["encoder", "fc_norm"]
 ClassifierLoss = Literal["ce", "bce"]
-Selection = Literal["val", "last"]
+Selection = Literal["val", "val_start", "last"]
 # ajepa.datasets.manifest: the split column of a manifest
 Split = Literal["train", "val", "test", "pretrain"]
 # ajepa.train.schedules.peak_lr: lr is the peak (I-JEPA), or a base lr per 256 clips (AudioMAE)

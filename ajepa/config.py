@@ -383,7 +383,7 @@ class FinetuneConfig:
     balanced_sampling: bool  # draw clips by class-balanced weights (AudioMAE AS-2M; SUPERB keyword spotting)
     balanced_replacement: bool  # draw with replacement (SUPERB) or no clip twice per epoch (AudioMAE AS-2M)
     samples_per_epoch: int  # clips drawn per epoch; 0 = one pass over the training clips
-    selection: Selection  # val: the best epoch on the validation clips; last: they train too, last epoch
+    selection: Selection  # val: the best epoch on the validation clips; val_start: the start (epoch 0) too; last: they train too, last epoch
     random_init_baseline: bool  # also fine-tune the same architecture from random init
     runs: int  # the first `runs` runs of the protocol (folds); 0 = all of them
     seed: int  # head init, batch order, augmentation and the random-init baseline's weights

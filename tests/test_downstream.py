@@ -225,6 +225,28 @@ def test_interrupted_finetuning_resumes_to_the_same_result(tmp_path, monkeypatch
     assert resumed.test_scores == straight.test_scores
 
 
+def test_val_start_keeps_the_probes_start_when_no_epoch_beats_it(tmp_path):
+    """selection "val_start" scores the starting weights (LP-FT: the linear probe's head) as epoch 0; when
+    fine-tuning only makes the validation score worse (here an lr far too high), the start is what is tested."""
+    from ajepa.downstream import finetune
+    from ajepa.models import SpectrogramEncoder
+
+    task = _spectrogram_task(n=96)
+    base = dataclasses.replace(load_params(REPO / "params.yaml").recipe("synth"), epochs=2, batch_size=8,
+                               warmup_epochs=0.0, head_init="probe", lr=3.0, num_workers=0)
+    results = {}
+    for selection in ("val", "val_start"):
+        torch.manual_seed(0)
+        encoder = SpectrogramEncoder((2, 8), 16, 32, 2, 2)
+        results[selection] = finetune.finetune_run(task, task.splits[0], encoder, dataclasses.replace(
+            base, selection=selection), selection, torch.device("cpu"), tmp_path / f"{selection}.pt", "hash")
+    wrecked, kept = results["val"], results["val_start"]
+    assert wrecked.best_epoch >= 1 and kept.best_epoch == 0
+    assert kept.history[0]["epoch"] == 0 and kept.history[1:] == wrecked.history  # the same training after it
+    assert kept.val_score == kept.history[0]["val_accuracy"] > max(h["val_accuracy"] for h in wrecked.history)
+    assert kept.test["accuracy"] > wrecked.test["accuracy"]
+
+
 def test_perfect_auc_gives_json_safe_null_d_prime():
     import json
     import math

@@ -352,8 +352,9 @@ def _resume(engine: Engine) -> FinetuneProgress:
 def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg: FinetuneConfig, name: str,
                  device: torch.device, state_path: Path, run_hash: str, open_log=None) -> RunResult:
     """Fine-tune `encoder` on one split (resuming from `state_path` when it holds this run), keep the epoch
-    with the best validation score (cfg.selection "last": train on the validation clips too and keep the
-    last epoch) and score the test clips with it. `open_log(first_epoch)` returns a
+    with the best validation score (cfg.selection "val_start": the starting weights, epoch 0, are scored
+    too and kept when no epoch beats them; "last": train on the validation clips too and keep the last
+    epoch) and score the test clips with it. `open_log(first_epoch)` returns a
     log(epoch, metrics) for the per-epoch curves (epochs from 1)."""
     if cfg.selection == "last":  # AudioMAE's training clips: its 4 ESC-50 folds, all of AudioSet's training segments
         split = replace(split, train=np.concatenate([split.train, split.val]))
@@ -365,6 +366,12 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
                      probe_loss=_probe_loss(engine.model, task, split, cfg, device))
     batches = StepBatches(task, split, cfg, steps_per_epoch(cfg, split))
     t0 = time.perf_counter()
+    if cfg.selection == "val_start" and run.epoch == 0:  # LP-FT's start is the probe: fine-tuning must beat it
+        val = task.selection_score(task.y[split.val], predict(engine.model, task, split.val, cfg.batch_size * 2,
+                                                               device, engine.autocast))
+        run.best_score, run.best_epoch = val, 0
+        run.best_state = {k: v.detach().cpu().clone() for k, v in engine.model.state_dict().items()}
+        run.history.append({"epoch": 0, f"val_{task.metric}": round(val, 3)})
     bar = progress((cfg.epochs - run.epoch) * batches.steps_per_epoch, f"finetune {name}", "step")
 
     def epoch(number: int) -> int:
