@@ -20,10 +20,11 @@ run: install
 	dvc repro
 
 # two pytest workers (pytest-xdist): one runs the tests that mostly wait (SLURM, signals) while the other
-# computes; tests/conftest.py keeps each module, and the modules sharing the smoke run, on one worker
+# computes; tests/conftest.py keeps each module, and the modules sharing the smoke run, on one worker, and
+# puts the longest groups first
 TEST_WORKERS ?= 2
 test: install
-	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # the unit tests alone (no test marked slow: none starts ajepa, dvc, snakemake or a training run), in under a minute
 test-fast: install

@@ -178,9 +178,11 @@ def tiny_export(tmp_path_factory):
 # -- two workers ------------------------------------------------------------------------------------------
 # `make test` runs pytest-xdist with two workers and `--dist loadgroup`. Every test is put in the group of its
 # module, so a module's fixtures are built once; the modules whose tests use the committed smoke run
-# (`smoke_run`, 1 to 2 minutes of `dvc repro`) share one group, so it is built once too. While one worker
-# waits (on the SLURM cluster's jobs and time limit, on signals and sleeps), the other computes.
+# (`smoke_run`, 1 to 2 minutes of `dvc repro`) share one group, so it is built once too. The two longest
+# groups come first (with `--no-loadscope-reorder`, in collection order): the SLURM tests, which mostly wait
+# on the cluster's jobs and time limit while the other worker computes, and the smoke run's.
 SHARED_GROUPS = {"smoke_run": "smoke_run"}  # session fixture -> the group of every module that uses it
+FIRST_GROUPS = ("tests/test_slurm.py", "smoke_run")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -192,6 +194,8 @@ def pytest_collection_modifyitems(config, items):
             by_module[module] = shared or by_module.get(module) or module
     for item in items:
         item.add_marker(pytest.mark.xdist_group(by_module[item.nodeid.split("::")[0]]))
+    first = {group: rank for rank, group in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: first.get(by_module[item.nodeid.split("::")[0]], len(first)))  # stable
 
 
 # -- the two tiers -------------------------------------------------------------------------------------
