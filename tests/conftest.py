@@ -190,8 +190,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.nodeid.split("::")[0]
         shared = next((g for f, g in SHARED_GROUPS.items() if f in item.fixturenames), None)
-        if shared or module not in by_module:
-            by_module[module] = shared or by_module.get(module) or module
+        if shared:
+            by_module[module] = shared
+        else:
+            by_module.setdefault(module, module)
     for item in items:
         item.add_marker(pytest.mark.xdist_group(by_module[item.nodeid.split("::")[0]]))
     first = {group: rank for rank, group in enumerate(FIRST_GROUPS)}

@@ -366,11 +366,17 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
                      probe_loss=_probe_loss(engine.model, task, split, cfg, device))
     batches = StepBatches(task, split, cfg, steps_per_epoch(cfg, split))
     t0 = time.perf_counter()
-    if cfg.selection == "val_start" and run.epoch == 0:  # LP-FT's start is the probe: fine-tuning must beat it
-        val = task.selection_score(task.y[split.val], predict(engine.model, task, split.val, cfg.batch_size * 2,
-                                                               device, engine.autocast))
-        run.best_score, run.best_epoch = val, 0
+
+    def validate() -> float:
+        return task.selection_score(task.y[split.val], predict(engine.model, task, split.val, cfg.batch_size * 2,
+                                                                device, engine.autocast))
+
+    def keep(val: float, number: int) -> None:
+        run.best_score, run.best_epoch = val, number
         run.best_state = {k: v.detach().cpu().clone() for k, v in engine.model.state_dict().items()}
+
+    if cfg.selection == "val_start" and run.epoch == 0:  # LP-FT's start is the probe: fine-tuning must beat it
+        keep(val := validate(), 0)
         run.history.append({"epoch": 0, f"val_{task.metric}": round(val, 3)})
     bar = progress((cfg.epochs - run.epoch) * batches.steps_per_epoch, f"finetune {name}", "step")
 
@@ -378,14 +384,12 @@ def finetune_run(task: Task, split: EvalSplit, encoder: SpectrogramEncoder, cfg:
         train_loss = train_epoch(engine, islice(stream, batches.steps_per_epoch), cfg, task.store.stats, bar)
         lr = engine.parts["lr"]
         lr_now = lr.value(lr.current_step - 1)  # the last step's
-        val = task.selection_score(task.y[split.val], predict(engine.model, task, split.val, cfg.batch_size * 2,
-                                                               device, engine.autocast))
+        val = validate()
         run.epoch = number
         run.history.append({"epoch": number, "train_loss": round(train_loss, 5), f"val_{task.metric}": round(val, 3),
                             "lr": lr_now})
         if val > run.best_score or cfg.selection == "last":  # ties keep the earlier epoch
-            run.best_score, run.best_epoch = val, number
-            run.best_state = {k: v.detach().cpu().clone() for k, v in engine.model.state_dict().items()}
+            keep(val, number)
         log(number, {"train/loss": run.history[-1]["train_loss"], f"val/{task.metric}": val, "train/lr": lr_now})
         bar.set_postfix(val=f"{val:.1f}")
         return number

@@ -215,7 +215,7 @@ def collect(shown: list) -> tuple[dict, list[str]]:
     """({variant: {seed: summary}}, problems) of the ablation experiments in `dvc exp show --json` output;
     an experiment that failed, has no summary or has not finished is a problem line, not a row. A failed
     attempt of a name that was queued again and finished is left out: DVC keeps both under one name."""
-    found, problems, unfinished = {}, {}, _unfinished(shown)
+    found, problems, finished, unfinished = {}, {}, set(), _unfinished(shown)
     for name, rev in compare.experiments(shown):
         m = re.fullmatch(rf"{PREFIX}-(.+)-s(\d+)", name or "")
         if not m:
@@ -229,7 +229,7 @@ def collect(shown: list) -> tuple[dict, list[str]]:
             problems.setdefault(name, f"{name}: {why}")
             continue
         found.setdefault(m.group(1), {})[int(m.group(2))] = summary
-    finished = {f"{PREFIX}-{variant}-s{seed}" for variant, runs in found.items() for seed in runs}
+        finished.add(name)
     return found, [line for name, line in problems.items() if name not in finished]
 
 
